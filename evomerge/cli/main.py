@@ -1,0 +1,130 @@
+"""`evomerge run / resume / report / ls`: the command line over specs and run directories."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from evomerge.errors import EvomergeError
+
+EPILOG = """examples:
+  evomerge run search_spaces/m2n2_digits_scratch.yaml            # the paper's from-scratch search
+  evomerge run search_spaces/m2n2_digits_pretrained.yaml --seed 3
+  evomerge resume runs/m2n2-digits-scratch                        # continue after Ctrl-C or a crash
+  evomerge report runs/m2n2-digits-scratch runs/ga-digits-scratch # table + one comparison plot
+  evomerge ls
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="evomerge",
+        description="Evolutionary and multi-objective search for model merging.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="start a search from a YAML spec", description="Validate SPEC, then run it into OUTPUT/NAME.")
+    run.add_argument("spec", help="path to a search spec (see search_spaces/)")
+    run.add_argument("--budget", type=int, help="evaluations to spend (overrides the spec's budget)")
+    run.add_argument("--seed", type=int, help="random seed (overrides the spec's seed)")
+    run.add_argument("--name", help="run name, i.e. the directory under the output root (overrides the spec's name)")
+    run.add_argument("--output", help="root folder for run directories (default: the spec's output, 'runs')")
+    run.add_argument("--quiet", action="store_true", help="no progress display")
+
+    resume = sub.add_parser("resume", help="continue an interrupted run", description="Continue RUN from its last snapshot and journal.")
+    resume.add_argument("run", help="a run directory, e.g. runs/m2n2-digits-scratch")
+    resume.add_argument("--budget", type=int, help="new total budget (to extend a finished run)")
+    resume.add_argument("--quiet", action="store_true", help="no progress display")
+
+    report = sub.add_parser("report", help="plots and a table for one or more runs", description="Redraw each run's plots and print a table; with several runs also draw one comparison plot.")
+    report.add_argument("runs", nargs="+", help="run directories")
+    report.add_argument("--out", help="comparison plot path (default: OUTPUT/comparison.png beside the first run)")
+    report.add_argument("--metric", default="test_accuracy", help="curve column to compare (default: test_accuracy)")
+    report.add_argument("--json", action="store_true", help="print the runs' summaries as JSON instead of a table")
+
+    ls = sub.add_parser("ls", help="list the runs under a folder", description="List run directories with their status and results.")
+    ls.add_argument("root", nargs="?", default="runs", help="folder holding run directories (default: runs)")
+    return parser
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from evomerge.runtime import start_run
+    from evomerge.spec import load_spec
+
+    spec = load_spec(args.spec, {"budget": args.budget, "seed": args.seed, "name": args.name, "output": args.output})
+    print(f"run {spec.name}: {spec.strategy.name} on {spec.evaluator.name}, budget {spec.budget:,} evaluations, seed {spec.seed}", file=sys.stderr)
+    run = start_run(spec, progress=not args.quiet)
+    return _print_result(run)
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    from evomerge.runtime import resume_run
+
+    run = resume_run(args.run, budget=args.budget, progress=not args.quiet)
+    return _print_result(run)
+
+
+def _print_result(run) -> int:
+    from evomerge.report import format_table, run_rows
+
+    summary = run.summary() or {}
+    print(format_table(run_rows([run])))
+    print(f"\nrun directory: {run.path}")
+    for plot in sorted(run.plots_dir.glob("*.png")) if run.plots_dir.exists() else []:
+        print(f"plot: {plot}")
+    return 0 if summary.get("status") in ("finished", "interrupted") else 1
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from evomerge.report import compare_runs, format_table, plot_run, run_rows
+    from evomerge.store import RunDir
+
+    runs = [RunDir.open(p) for p in args.runs]
+    if args.json:
+        print(json.dumps({r.path.name: r.summary() for r in runs}, indent=2))
+        return 0
+    print(format_table(run_rows(runs)))
+    for run in runs:
+        for plot in plot_run(run):
+            print(f"plot: {plot}")
+    if len(runs) > 1:
+        out = Path(args.out) if args.out else runs[0].path.parent / "comparison.png"
+        path = compare_runs(runs, out, args.metric)
+        if path:
+            print(f"comparison: {path}")
+    return 0
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    from evomerge.report import format_table, run_rows
+    from evomerge.store import list_runs
+
+    runs = list_runs(args.root)
+    if not runs:
+        print(f"no runs under {args.root}/")
+        return 0
+    print(format_table(run_rows(runs)))
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "resume": cmd_resume, "report": cmd_report, "ls": cmd_ls}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except EvomergeError as err:
+        print(f"evomerge: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("evomerge: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""What an evaluator is: named objectives plus an optional per-example score vector."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+
+from evomerge.errors import EvaluationError
+from evomerge.weights import Layout
+
+
+@dataclass
+class EvalResult:
+    """`per_example` feeds M2N2's competition (one non-negative score per training example)."""
+
+    objectives: dict[str, float]
+    per_example: np.ndarray | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Evaluator(Protocol):
+    def layout(self) -> Layout:
+        """Names and shapes of the parameters this evaluator's model takes."""
+        ...
+
+    def evaluate(self, params: dict[str, torch.Tensor]) -> EvalResult:
+        """Score on the search split; this is what the budget counts."""
+        ...
+
+    def test(self, params: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Held-out metrics, reported but never used for selection."""
+        ...
+
+
+def as_result(raw: Any, n_examples: int | None) -> EvalResult:
+    """Accept an EvalResult or a plain dict from user code; refuse NaN and wrong-length scores."""
+    if isinstance(raw, dict):
+        if "objectives" in raw:
+            raw = EvalResult(dict(raw["objectives"]), raw.get("per_example"), dict(raw.get("info", {})))
+        else:
+            raw = EvalResult({k: v for k, v in raw.items()})
+    if not isinstance(raw, EvalResult):
+        raise EvaluationError(f"evaluator returned {type(raw).__name__}, expected EvalResult or a dict of objectives")
+    objectives = {}
+    for name, value in raw.objectives.items():
+        try:
+            value = float(value)
+        except (TypeError, ValueError) as err:
+            raise EvaluationError(f"objective {name!r} is {value!r}, not a number") from err
+        if not math.isfinite(value):
+            raise EvaluationError(f"objective {name!r} is {value}")
+        objectives[name] = value
+    per_example = raw.per_example
+    if per_example is not None:
+        per_example = np.asarray(per_example, dtype=np.float32).ravel()
+        if n_examples is not None and per_example.shape[0] != n_examples:
+            raise EvaluationError(f"per-example scores have length {per_example.shape[0]}, expected {n_examples}")
+        if not np.all(np.isfinite(per_example)):
+            raise EvaluationError("per-example scores contain NaN or inf")
+        if np.any(per_example < 0):
+            raise EvaluationError("per-example scores must be non-negative")
+    return EvalResult(objectives, per_example, raw.info)

@@ -1,0 +1,130 @@
+"""Built-in evaluator: an MLP classifier on an offline dataset, scored by per-example correctness."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from evomerge.data import DATASETS, load_dataset
+from evomerge.errors import EvomergeError, ShapeMismatchError
+from evomerge.evaluate import EVALUATORS
+from evomerge.evaluate.base import EvalResult
+from evomerge.schema import did_you_mean, require
+from evomerge.weights import Layout
+
+
+@dataclass
+class ClassificationOptions:
+    dataset: str = "digits"
+    train_fraction: float = 0.8
+    hidden: list[int] = field(default_factory=lambda: [256])
+    device: Literal["cpu", "cuda", "auto"] = "auto"
+    groups: dict[str, list[int]] = field(
+        default_factory=lambda: {"odd": [1, 3, 5, 7, 9], "even": [0, 2, 4, 6, 8]}
+    )
+
+    def check(self, path: str) -> None:
+        require(
+            self.dataset in DATASETS,
+            f"{path}.dataset",
+            f"got {self.dataset!r}{did_you_mean(self.dataset, DATASETS)}, valid: {', '.join(sorted(DATASETS))}",
+        )
+        require(0 < self.train_fraction < 1, f"{path}.train_fraction", f"got {self.train_fraction}, must be in (0, 1)")
+        for i, width in enumerate(self.hidden):
+            require(width > 0, f"{path}.hidden[{i}]", f"got {width}, must be > 0")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise EvomergeError("evaluator.device: 'cuda' was asked for but torch sees no CUDA device")
+    return torch.device(name)
+
+
+def mlp_layout(widths: list[int]) -> Layout:
+    """Linear layers `layers.K.weight` ([out, in]) and `layers.K.bias`, K = 0, 1, …"""
+    names, shapes = [], []
+    for k, (n_in, n_out) in enumerate(zip(widths[:-1], widths[1:])):
+        names += [f"layers.{k}.weight", f"layers.{k}.bias"]
+        shapes += [(n_out, n_in), (n_out,)]
+    return Layout(tuple(names), tuple(shapes))
+
+
+def mlp_forward(params: dict[str, torch.Tensor], x: torch.Tensor, n_layers: int) -> torch.Tensor:
+    for k in range(n_layers):
+        x = torch.addmm(params[f"layers.{k}.bias"], x, params[f"layers.{k}.weight"].T)
+        if k < n_layers - 1:
+            x = torch.relu(x)
+    return x
+
+
+class ClassificationEvaluator:
+    """Accuracy on the train split per example; `accuracy_<group>` for each class group."""
+
+    def __init__(self, options: ClassificationOptions):
+        self.options = options
+        data = load_dataset(options.dataset, options.train_fraction)
+        self.device = resolve_device(options.device)
+        self.widths = [data.n_features, *options.hidden, data.n_classes]
+        self.n_layers = len(self.widths) - 1
+        self._layout = mlp_layout(self.widths)
+        self.x_train = torch.from_numpy(data.x_train).to(self.device)
+        self.y_train = torch.from_numpy(data.y_train).to(self.device)
+        self.x_test = torch.from_numpy(data.x_test).to(self.device)
+        self.y_test = torch.from_numpy(data.y_test).to(self.device)
+        self.n_examples = len(data.y_train)
+        self._group_masks = {
+            name: np.isin(data.y_train, classes) for name, classes in options.groups.items()
+        }
+
+    def layout(self) -> Layout:
+        return self._layout
+
+    def _to_device(self, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        for name, shape in zip(self._layout.names, self._layout.shapes):
+            got = tuple(params[name].shape) if name in params else None
+            if got != shape:
+                raise ShapeMismatchError(f"parameter {name!r} has shape {got}, the model needs {shape}")
+        if self.device.type == "cpu":
+            return params
+        return {k: v.to(self.device, non_blocking=True) for k, v in params.items()}
+
+    @torch.no_grad()
+    def correct(self, params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> np.ndarray:
+        logits = mlp_forward(self._to_device(params), x, self.n_layers)
+        return (logits.argmax(dim=1) == y).cpu().numpy()
+
+    def evaluate(self, params: dict[str, torch.Tensor]) -> EvalResult:
+        hits = self.correct(params, self.x_train, self.y_train)
+        objectives = {"accuracy": float(hits.mean())}
+        for name, mask in self._group_masks.items():
+            objectives[f"accuracy_{name}"] = float(hits[mask].mean()) if mask.any() else 0.0
+        return EvalResult(objectives, hits.astype(np.float32))
+
+    def test(self, params: dict[str, torch.Tensor]) -> dict[str, float]:
+        return {"accuracy": float(self.correct(params, self.x_test, self.y_test).mean())}
+
+    def train_specialist(self, flat: np.ndarray, classes: list[int], steps: int, lr: float) -> np.ndarray:
+        """Full-batch Adam on the train examples of `classes` only (the paper's pre-trained setting)."""
+        mask = torch.isin(self.y_train, torch.tensor(classes, device=self.device))
+        if not bool(mask.any()):
+            raise EvomergeError(f"models.specialists: no training examples with classes {classes}")
+        x, y = self.x_train[mask], self.y_train[mask]
+        leaves = {k: v.detach().clone().to(self.device).requires_grad_(True) for k, v in self._layout.views(flat).items()}
+        optimizer = torch.optim.Adam(leaves.values(), lr=lr)
+        for _ in range(steps):
+            optimizer.zero_grad()
+            loss = F.cross_entropy(mlp_forward(leaves, x, self.n_layers), y)
+            loss.backward()
+            optimizer.step()
+        return self._layout.flatten({k: v.detach().cpu() for k, v in leaves.items()})
+
+
+@EVALUATORS.register("classification", ClassificationOptions, "MLP classifier on an offline dataset")
+def build_classification(options: ClassificationOptions) -> ClassificationEvaluator:
+    return ClassificationEvaluator(options)

@@ -1,0 +1,63 @@
+"""Plain-text tables of runs for `evomerge report` and `evomerge ls`."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any
+
+from evomerge.store import RunDir
+
+
+def read_curve(run: RunDir) -> list[dict[str, float]]:
+    if not run.curve_path.exists():
+        return []
+    with open(run.curve_path, newline="") as f:
+        return [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(f)]
+
+
+def _fmt(value: Any, digits: int = 4) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def run_rows(runs: list[RunDir]) -> list[dict[str, str]]:
+    rows = []
+    for run in runs:
+        info = run.info()
+        summary = run.summary() or {}
+        rows.append({
+            "run": run.path.name,
+            "status": info.get("status", "?"),
+            "strategy": summary.get("strategy") or run.load_spec().strategy.name,
+            "evals": f"{_fmt(summary.get('evaluations', info.get('evaluations', 0)))}/{_fmt(info.get('budget'))}",
+            "best train": _fmt(summary.get("best_train")),
+            "test acc": _fmt((summary.get("test") or {}).get("accuracy")),
+            "failed": _fmt(summary.get("failures")),
+            "wall s": _fmt(summary.get("wall_seconds"), 1),
+            "evals/s": _fmt(summary.get("evaluations_per_second"), 0),
+            "overhead": _fmt(summary.get("overhead_share"), 3),
+        })
+    return rows
+
+
+def format_table(rows: list[dict[str, str]]) -> str:
+    if not rows:
+        return "(no runs)"
+    keys = list(rows[0])
+    widths = {k: max(len(k), *(len(r[k]) for r in rows)) for k in keys}
+    lines = ["  ".join(k.ljust(widths[k]) for k in keys), "  ".join("-" * widths[k] for k in keys)]
+    lines += ["  ".join(r[k].ljust(widths[k]) for k in keys) for r in rows]
+    return "\n".join(lines)
+
+
+def write_markdown(rows: list[dict[str, str]], path: Path) -> None:
+    keys = list(rows[0]) if rows else []
+    text = "| " + " | ".join(keys) + " |\n|" + "---|" * len(keys) + "\n"
+    text += "".join("| " + " | ".join(r[k] for k in keys) + " |\n" for r in rows)
+    path.write_text(text)

@@ -1,0 +1,100 @@
+"""Start and resume searches: build the parts a spec names and hand them to the driver loop."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from evomerge.errors import RunDirError
+from evomerge.evaluate import EVALUATORS
+from evomerge.runtime.executor import InProcessExecutor
+from evomerge.runtime.manager import SearchManager
+from evomerge.search import STRATEGIES
+from evomerge.seeds import build_seeds, load_seeds, save_seeds
+from evomerge.space import SPACES
+from evomerge.spec import SearchSpec
+from evomerge.store import RunDir
+from evomerge.store.atomic import atomic_write_text
+from evomerge.weights.io import save_tensors
+
+
+def build_manager(run: RunDir, spec: SearchSpec, budget: int, fresh_seeds: bool, progress: bool) -> SearchManager:
+    if spec.runtime.threads:
+        torch.set_num_threads(spec.runtime.threads)
+    evaluator = EVALUATORS.build(spec.evaluator)
+    layout = evaluator.layout()
+    if fresh_seeds:
+        seeds = build_seeds(spec.models, evaluator, spec.evaluator.to_plain(), spec.seed)
+        save_seeds(run.seeds_dir, seeds, layout)
+    else:
+        seeds = load_seeds(run.seeds_dir, layout)
+    space = SPACES.build(spec.space, layout=layout, seeds=seeds)
+    strategy = STRATEGIES.build(spec.strategy, space=space, seed=spec.seed)
+    executor = InProcessExecutor(evaluator, space)
+    return SearchManager(run, spec, strategy, executor, space, budget, progress=progress)
+
+
+def start_run(spec: SearchSpec, root: str | Path | None = None, progress: bool = True) -> RunDir:
+    run = RunDir.create(spec, root if root is not None else spec.output)
+    with run.lock():
+        manager = build_manager(run, spec, spec.budget, fresh_seeds=True, progress=progress)
+        run.update_info(status="running")
+        _drive(run, manager)
+    return run
+
+
+def resume_run(path: str | Path, budget: int | None = None, progress: bool = True) -> RunDir:
+    run = RunDir.open(path)
+    with run.lock():
+        spec = run.check_spec_unchanged()
+        info = run.info()
+        budget = budget if budget is not None else info["budget"]
+        if budget <= 0:
+            raise RunDirError(f"--budget must be > 0, got {budget}")
+        summary = run.summary() or {}
+        if info["status"] == "finished" and summary.get("evaluations", 0) >= budget:
+            raise RunDirError(f"{run.path} already finished its {budget:,} evaluations; pass a larger --budget to extend it")
+        manager = build_manager(run, spec, budget, fresh_seeds=info["status"] == "created", progress=progress)
+        manager.restore()
+        run.update_info(status="running", budget=budget)
+        _drive(run, manager)
+    return run
+
+
+def _drive(run: RunDir, manager: SearchManager) -> None:
+    try:
+        status = manager.loop()
+    except BaseException as err:
+        run.update_info(status="failed", error=f"{type(err).__name__}: {err}")
+        raise
+    finish(run, manager, status)
+
+
+def finish(run: RunDir, manager: SearchManager, status: str) -> dict[str, Any]:
+    summary = manager.summary(status)
+    atomic_write_text(run.summary_path, json.dumps(summary, indent=2) + "\n")
+    write_curve(run.curve_path, manager.state.curve)
+    genome = manager.best_genome()
+    if genome is not None:
+        save_tensors(run.best_path, manager.space.decode(genome), {"best_train": str(summary["best_train"])})
+    from evomerge.report import plot_run
+
+    summary["plots"] = plot_run(run)
+    run.update_info(status=status, evaluations=summary["evaluations"])
+    return summary
+
+
+def write_curve(path: Path, curve: list[dict[str, float]]) -> None:
+    keys: list[str] = []
+    for row in curve:
+        keys += [k for k in row if k not in keys]
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(curve)
+    tmp.replace(path)

@@ -1,0 +1,75 @@
+"""The ask/tell contract every strategy follows, and the random streams they own.
+
+Strategies are pure: no files, no processes, no Ray. The driver assigns candidate ids, so a
+strategy can record lineage without knowing how evaluation is scheduled.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from evomerge.evaluate.base import EvalResult
+
+
+@dataclass
+class Proposal:
+    """What a strategy wants evaluated; `meta` (JSON-able) records how it was made."""
+
+    genome: np.ndarray
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Candidate:
+    id: int
+    genome: np.ndarray
+    meta: dict[str, Any]
+
+
+class Strategy(ABC):
+    """Ask for proposals, tell back results (None = the evaluation failed)."""
+
+    def __init__(self, seed: int):
+        self.rng = np.random.default_rng(seed)
+        self.noise = torch.Generator().manual_seed(seed)
+
+    @abstractmethod
+    def ask(self) -> Proposal | None:
+        """The next proposal, or None when nothing can be asked until results come back."""
+
+    @abstractmethod
+    def tell(self, candidate: Candidate, result: EvalResult | None) -> None: ...
+
+    @abstractmethod
+    def best(self) -> tuple[np.ndarray, float] | None:
+        """Genome and search-split score of the best individual so far (the one tested)."""
+
+    @property
+    def finished(self) -> bool:
+        """True when the strategy has nothing left to ask (a finite sweep); most never finish."""
+        return False
+
+    def stats(self) -> dict[str, float]:
+        """Numbers logged along the run (archive size, diversity, …)."""
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rng": self.rng.bit_generator.state, "noise": self.noise.get_state().numpy()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.rng.bit_generator.state = state["rng"]
+        self.noise.set_state(torch.from_numpy(np.asarray(state["noise"], dtype=np.uint8).copy()))
+
+
+def sample_index(rng: np.random.Generator, weights: np.ndarray) -> int:
+    """Index drawn with probability ∝ weights (uniform when they are all zero); faster than rng.choice."""
+    cumulative = np.cumsum(weights, dtype=np.float64)
+    total = cumulative[-1]
+    if not total > 0:
+        return int(rng.integers(len(weights)))
+    return min(int(np.searchsorted(cumulative, rng.random() * total, side="right")), len(weights) - 1)

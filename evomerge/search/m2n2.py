@@ -1,0 +1,221 @@
+"""M2N2: Model Merging of Natural Niches (Abrantes, Lange, Tang, GECCO 2025).
+
+Steady state: every result is told at once and may replace the archive's least fit member.
+Fitness is shared per example (competition), the second parent is chosen for what the first one
+lacks (attraction), and crossover is SLERP with a random split point. Every switch the paper
+ablates is an option; GA is the same loop with alpha = 0 and no matchmaker.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from evomerge.errors import EvomergeError
+from evomerge.evaluate.base import EvalResult
+from evomerge.search import STRATEGIES
+from evomerge.search.base import Candidate, Proposal, Strategy, sample_index
+from evomerge.space.base import VariationSpace
+from evomerge.schema import require
+
+
+def resource_weights(scores: np.ndarray, alpha: float) -> np.ndarray:
+    """1 / z_j with z_j = (Σ_i S_ij)^α, an empty column counting as 1."""
+    z = scores.sum(axis=0)
+    z[z == 0] = 1.0
+    if alpha != 1.0:
+        z = z**alpha
+    return 1.0 / z
+
+
+def competition_fitness(scores: np.ndarray, alpha: float = 1.0) -> np.ndarray:
+    """f_i = Σ_j S_ij / z_j: an example solved by few is worth more to each of them."""
+    return scores @ resource_weights(scores, alpha)
+
+
+def replacement_index(scores: np.ndarray, child: np.ndarray, alpha: float = 1.0) -> int:
+    """Row to drop when `child` competes with the full archive; len(scores) means the child itself.
+
+    Ties go to the lowest index, so an archive member is dropped before an equally fit child.
+    """
+    extended = np.vstack([scores, child[None, :]])
+    return int(np.argmin(competition_fitness(extended, alpha)))
+
+
+def match_scores(scores: np.ndarray, first: int, alpha: float = 1.0) -> np.ndarray:
+    """Σ_j max(0, F_kj − F_first,j): how much of what `first` misses each member covers."""
+    shared = scores * resource_weights(scores, alpha)
+    return np.maximum(shared - shared[first], 0.0).sum(axis=1)
+
+
+@dataclass
+class M2N2Options:
+    population: int = 20
+    alpha: float = 1.0
+    matchmaker: bool = True
+    crossover: bool = True
+    split_point: bool = True
+    mutation_std: float = 0.01
+    objective: str = "accuracy"
+
+    def check(self, path: str) -> None:
+        require(self.population >= 2, f"{path}.population", f"got {self.population}, must be >= 2")
+        require(self.alpha >= 0, f"{path}.alpha", f"got {self.alpha}, must be >= 0")
+        require(self.mutation_std >= 0, f"{path}.mutation_std", f"got {self.mutation_std}, must be >= 0")
+
+
+@dataclass
+class GAOptions:
+    """M2N2's ablation "GA": raw-score fitness (alpha = 0), both parents by fitness."""
+
+    population: int = 20
+    crossover: bool = True
+    split_point: bool = True
+    mutation_std: float = 0.01
+    objective: str = "accuracy"
+
+    def check(self, path: str) -> None:
+        M2N2Options(self.population, 0.0, False, mutation_std=self.mutation_std).check(path)
+
+
+class M2N2(Strategy):
+    def __init__(self, options: M2N2Options, space: VariationSpace, seed: int):
+        super().__init__(seed)
+        self.options = options
+        self.space = space
+        self.inits = space.initial()
+        self.next_init = 0
+        capacity, n_params = options.population, space.dim
+        self.genomes = np.zeros((capacity, n_params), dtype=np.float32)
+        self.scores: np.ndarray | None = None  # (capacity, n_examples), allocated on the first result
+        self.values = np.zeros(capacity)
+        self.ids = np.full(capacity, -1, dtype=np.int64)
+        self.size = 0
+        self.replacements = 0
+
+    # ask -----------------------------------------------------------------------------------
+    def ask(self) -> Proposal | None:
+        if self.next_init < len(self.inits):
+            self.next_init += 1
+            return Proposal(self.inits[self.next_init - 1], {"init": self.next_init - 1})
+        if self.size == 0:
+            return None
+        opts = self.options
+        scores = self.scores[: self.size]
+        fitness = competition_fitness(scores, opts.alpha)
+        first = sample_index(self.rng, fitness)
+        if opts.matchmaker:
+            matches = match_scores(scores, first, opts.alpha)
+            second = sample_index(self.rng, matches if matches.any() else fitness)
+        else:
+            second = sample_index(self.rng, fitness)
+        meta: dict[str, Any] = {"parents": [int(self.ids[first]), int(self.ids[second])]}
+        if opts.crossover:
+            split = int(self.rng.integers(self.space.dim)) if opts.split_point else self.space.dim
+            w = float(self.rng.random())
+            child = self.space.crossover(self.genomes[first], self.genomes[second], split, w)
+            meta.update(split=split, w=w)
+        else:
+            child = self.genomes[first].copy()
+            meta["parents"] = meta["parents"][:1]
+        if opts.mutation_std > 0:
+            child = self.space.mutate(child, opts.mutation_std, self.noise)
+        return Proposal(child, meta)
+
+    # tell ----------------------------------------------------------------------------------
+    def tell(self, candidate: Candidate, result: EvalResult | None) -> None:
+        if result is None:
+            return
+        if result.per_example is None:
+            raise EvomergeError("M2N2 needs per-example scores, and the evaluator returned none")
+        if self.options.objective not in result.objectives:
+            raise EvomergeError(
+                f"strategy.objective {self.options.objective!r} is not among the evaluator's objectives "
+                f"({', '.join(result.objectives)})"
+            )
+        child = result.per_example.astype(np.float32, copy=False)
+        if self.scores is None:
+            self.scores = np.zeros((self.options.population, child.shape[0]), dtype=np.float32)
+        if self.size < self.options.population:
+            slot = self.size
+            self.size += 1
+        else:
+            slot = replacement_index(self.scores, child, self.options.alpha)
+            if slot == self.size:
+                return
+            self.replacements += 1
+        self.genomes[slot] = candidate.genome
+        self.scores[slot] = child
+        self.values[slot] = result.objectives[self.options.objective]
+        self.ids[slot] = candidate.id
+
+    # reporting -----------------------------------------------------------------------------
+    def best(self) -> tuple[np.ndarray, float] | None:
+        if self.size == 0:
+            return None
+        i = int(np.argmax(self.values[: self.size]))
+        return self.genomes[i], float(self.values[i])
+
+    def stats(self) -> dict[str, float]:
+        if self.size == 0:
+            return {"archive_size": 0}
+        genomes = self.genomes[: self.size].astype(np.float64)
+        scores = self.scores[: self.size]
+        gram = genomes @ genomes.T
+        sq = np.diag(gram)
+        dist = np.sqrt(np.maximum(sq[:, None] + sq[None, :] - 2 * gram, 0.0))
+        pairs = self.size * (self.size - 1)
+        disagreement = (scores[:, None, :] != scores[None, :, :]).mean(axis=2)
+        return {
+            "archive_size": self.size,
+            "archive_mean": float(self.values[: self.size].mean()),
+            "coverage": float((scores.sum(axis=0) > 0).mean()),
+            "mean_distance": float(dist.sum() / pairs) if pairs else 0.0,
+            "mean_disagreement": float(disagreement.sum() / pairs) if pairs else 0.0,
+            "replacements": self.replacements,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state.update(
+            genomes=self.genomes[: self.size].copy(),
+            scores=None if self.scores is None else self.scores[: self.size].copy(),
+            values=self.values[: self.size].copy(),
+            ids=self.ids[: self.size].copy(),
+            next_init=self.next_init,
+            replacements=self.replacements,
+        )
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.size = len(state["ids"])
+        self.genomes[: self.size] = state["genomes"]
+        if state["scores"] is not None:
+            self.scores = np.zeros((self.options.population, state["scores"].shape[1]), dtype=np.float32)
+            self.scores[: self.size] = state["scores"]
+        self.values[: self.size] = state["values"]
+        self.ids[: self.size] = state["ids"]
+        self.next_init = int(state["next_init"])
+        self.replacements = int(state["replacements"])
+
+
+@STRATEGIES.register("m2n2", M2N2Options, "M2N2: competition, attraction, split-point crossover", {"variation"})
+def build_m2n2(options: M2N2Options, space: VariationSpace, seed: int) -> M2N2:
+    return M2N2(options, space, seed)
+
+
+@STRATEGIES.register("ga", GAOptions, "genetic algorithm (M2N2 with alpha 0, no matchmaker)", {"variation"})
+def build_ga(options: GAOptions, space: VariationSpace, seed: int) -> M2N2:
+    m2n2 = M2N2Options(
+        population=options.population,
+        alpha=0.0,
+        matchmaker=False,
+        crossover=options.crossover,
+        split_point=options.split_point,
+        mutation_std=options.mutation_std,
+        objective=options.objective,
+    )
+    return M2N2(m2n2, space, seed)

@@ -1,0 +1,149 @@
+"""The YAML schema of a search: what is searched, how it is scored, how long, and where it goes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from evomerge.errors import SpecError
+from evomerge.registry import Component
+from evomerge.schema import parse, require, to_plain
+
+
+@dataclass
+class ModelsSpec:
+    """Where the first individuals come from."""
+
+    init: Literal["random", "specialists", "files"] = "random"
+    count: int = 2
+    std: float = 0.01
+    specialists: list[list[int]] = field(default_factory=lambda: [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]])
+    train_steps: int = 10
+    train_lr: float = 0.003
+    train_seed: int = 42
+    paths: list[str] = field(default_factory=list)
+
+    def check(self, path: str) -> None:
+        require(self.count >= 1, f"{path}.count", f"got {self.count}, must be >= 1")
+        require(self.std > 0, f"{path}.std", f"got {self.std}, must be > 0")
+        require(self.train_steps >= 1, f"{path}.train_steps", f"got {self.train_steps}, must be >= 1")
+        require(self.train_lr > 0, f"{path}.train_lr", f"got {self.train_lr}, must be > 0")
+        if self.init == "specialists":
+            require(len(self.specialists) >= 2, f"{path}.specialists", "needs at least 2 class groups")
+        if self.init == "files":
+            require(len(self.paths) >= 1, f"{path}.paths", "init 'files' needs at least one path")
+
+
+@dataclass
+class RuntimeSpec:
+    """How the driver loop behaves; none of it changes the search's result."""
+
+    snapshot_every: int = 2000
+    log_every: int = 500
+    threads: int = 0
+    progress: bool = True
+
+    def check(self, path: str) -> None:
+        require(self.snapshot_every >= 1, f"{path}.snapshot_every", f"got {self.snapshot_every}, must be >= 1")
+        require(self.log_every >= 1, f"{path}.log_every", f"got {self.log_every}, must be >= 1")
+        require(self.threads >= 0, f"{path}.threads", f"got {self.threads}, must be >= 0 (0 = torch default)")
+
+
+@dataclass
+class _RawSpec:
+    name: str
+    budget: int
+    strategy: Any
+    seed: int = 0
+    output: str = "runs"
+    evaluator: Any = "classification"
+    space: Any = "weights"
+    models: ModelsSpec = field(default_factory=ModelsSpec)
+    runtime: RuntimeSpec = field(default_factory=RuntimeSpec)
+    description: str = ""
+
+    def check(self, path: str) -> None:
+        require(self.budget > 0, "budget", f"got {self.budget}, must be > 0 (evaluations)")
+        require(bool(self.name) and "/" not in self.name, "name", f"got {self.name!r}, must be a plain non-empty name")
+
+
+@dataclass
+class SearchSpec:
+    name: str
+    budget: int
+    seed: int
+    output: str
+    description: str
+    evaluator: Component
+    space: Component
+    strategy: Component
+    models: ModelsSpec
+    runtime: RuntimeSpec
+
+    def to_plain(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "description": self.description,
+            "budget": self.budget,
+            "seed": self.seed,
+            "output": self.output,
+            "evaluator": self.evaluator.to_plain(),
+            "models": to_plain(self.models),
+            "space": self.space.to_plain(),
+            "strategy": self.strategy.to_plain(),
+            "runtime": to_plain(self.runtime),
+        }
+
+    def identity_hash(self) -> str:
+        """Hash of everything that determines the search's result (not its name, budget or runtime)."""
+        plain = self.to_plain()
+        for key in ("name", "budget", "output", "runtime", "description"):
+            plain.pop(key)
+        return hashlib.sha256(json.dumps(plain, sort_keys=True).encode()).hexdigest()
+
+    def dump(self) -> str:
+        return yaml.safe_dump(self.to_plain(), sort_keys=False)
+
+
+def spec_from_dict(data: Any) -> SearchSpec:
+    from evomerge.evaluate import EVALUATORS
+    from evomerge.search import STRATEGIES
+    from evomerge.space import SPACES
+
+    raw = parse(_RawSpec, data)
+    spec = SearchSpec(
+        name=raw.name,
+        budget=raw.budget,
+        seed=raw.seed,
+        output=raw.output,
+        description=raw.description,
+        evaluator=EVALUATORS.resolve(raw.evaluator, "evaluator"),
+        space=SPACES.resolve(raw.space, "space"),
+        strategy=STRATEGIES.resolve(raw.strategy, "strategy"),
+        models=raw.models,
+        runtime=raw.runtime,
+    )
+    from evomerge.search import check_compatible
+
+    check_compatible(spec)
+    return spec
+
+
+def load_spec(path: str | Path, overrides: dict[str, Any] | None = None) -> SearchSpec:
+    """Read and validate a YAML spec; `overrides` (from the CLI) replace top-level fields."""
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError("", f"spec file {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise SpecError("", f"{path} is not valid YAML: {err}") from err
+    if not isinstance(data, dict):
+        raise SpecError("", f"{path} must hold a mapping of fields, got {type(data).__name__}")
+    data.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    return spec_from_dict(data)

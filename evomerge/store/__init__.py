@@ -1,0 +1,7 @@
+"""Run directories: lock, journal, atomic snapshots, summaries."""
+
+from evomerge.store.journal import Journal, decode_scores, encode_scores, read_journal
+from evomerge.store.rundir import RunDir, list_runs
+from evomerge.store.snapshot import load_state, save_state
+
+__all__ = ["Journal", "RunDir", "decode_scores", "encode_scores", "list_runs", "load_state", "read_journal", "save_state"]

@@ -1,0 +1,43 @@
+"""One driver per run directory: an flock that the OS drops when the holder dies, even by SIGKILL."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from pathlib import Path
+
+from evomerge.errors import RunDirError
+
+
+class RunLock:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise RunDirError(
+                f"{self.path.parent} is in use by a running driver (pid {holder}); "
+                "wait for it to finish or stop it before starting another"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> RunLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
