@@ -47,17 +47,21 @@ def resolve_device(name: str) -> torch.device:
 
 
 def mlp_layout(widths: list[int]) -> Layout:
-    """Linear layers `layers.K.weight` ([out, in]) and `layers.K.bias`, K = 0, 1, …"""
+    """Layers `layers.K.weight` and `layers.K.bias`, K = 0, 1, …
+
+    Weights are stored [in, out] (y = x @ W + b) as in the M2N2 paper's reference model, so the
+    flat order, and with it what a split point cuts, is the paper's.
+    """
     names, shapes = [], []
     for k, (n_in, n_out) in enumerate(zip(widths[:-1], widths[1:])):
         names += [f"layers.{k}.weight", f"layers.{k}.bias"]
-        shapes += [(n_out, n_in), (n_out,)]
+        shapes += [(n_in, n_out), (n_out,)]
     return Layout(tuple(names), tuple(shapes))
 
 
 def mlp_forward(params: dict[str, torch.Tensor], x: torch.Tensor, n_layers: int) -> torch.Tensor:
     for k in range(n_layers):
-        x = torch.addmm(params[f"layers.{k}.bias"], x, params[f"layers.{k}.weight"].T)
+        x = torch.addmm(params[f"layers.{k}.bias"], x, params[f"layers.{k}.weight"])
         if k < n_layers - 1:
             x = torch.relu(x)
     return x
