@@ -112,7 +112,8 @@ class SearchManager:
                 signal.signal(sig, handler)
             journal.close()
             self._progress.close()
-        self._log_point()
+        if status == "finished":
+            self._log_point()  # an interrupted run adds no point, so resuming it reproduces the curve
         self.snapshot()
         return status
 
