@@ -36,8 +36,15 @@ def specialists(models: ModelsSpec, evaluator: Evaluator, evaluator_key: dict) -
     out = []
     for k, classes in enumerate(models.specialists):
         key = json.dumps(
-            {"evaluator": evaluator_key, "classes": classes, "steps": models.train_steps, "lr": models.train_lr,
-             "seed": models.train_seed, "index": k, "std": models.std},
+            {
+                "evaluator": evaluator_key,
+                "classes": classes,
+                "steps": models.train_steps,
+                "lr": models.train_lr,
+                "seed": models.train_seed,
+                "index": k,
+                "std": models.std,
+            },
             sort_keys=True,
         )
         path = cache_root() / "specialists" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.safetensors"

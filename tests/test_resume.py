@@ -28,7 +28,9 @@ def digits_spec(tmp_path: Path, name: str) -> dict:
 
 
 def evomerge(*args: str, **kwargs) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "evomerge", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+    return subprocess.Popen(
+        [sys.executable, "-m", "evomerge", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs
+    )
 
 
 def wait_for_lines(journal: Path, count: int, proc: subprocess.Popen, timeout: float = 60) -> None:

@@ -29,7 +29,11 @@ def evaluate(genome: np.ndarray) -> EvalResult:
     """A deterministic stand-in task: 5 'examples', solved when a projection is positive."""
     hits = (TARGET @ genome > 0).astype(np.float32)
     return EvalResult(
-        {"accuracy": float(hits.mean()), "accuracy_odd": float(hits[1::2].mean()), "accuracy_even": float(hits[::2].mean())},
+        {
+            "accuracy": float(hits.mean()),
+            "accuracy_odd": float(hits[1::2].mean()),
+            "accuracy_even": float(hits[::2].mean()),
+        },
         hits,
     )
 

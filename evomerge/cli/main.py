@@ -27,7 +27,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    run = sub.add_parser("run", help="start a search from a YAML spec", description="Validate SPEC, then run it into OUTPUT/NAME.")
+    run = sub.add_parser(
+        "run", help="start a search from a YAML spec", description="Validate SPEC, then run it into OUTPUT/NAME."
+    )
     run.add_argument("spec", help="path to a search spec (see search_spaces/)")
     run.add_argument("--budget", type=int, help="evaluations to spend (overrides the spec's budget)")
     run.add_argument("--seed", type=int, help="random seed (overrides the spec's seed)")
@@ -35,18 +37,26 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--output", help="root folder for run directories (default: the spec's output, 'runs')")
     run.add_argument("--quiet", action="store_true", help="no progress display")
 
-    resume = sub.add_parser("resume", help="continue an interrupted run", description="Continue RUN from its last snapshot and journal.")
+    resume = sub.add_parser(
+        "resume", help="continue an interrupted run", description="Continue RUN from its last snapshot and journal."
+    )
     resume.add_argument("run", help="a run directory, e.g. runs/m2n2-digits-scratch")
     resume.add_argument("--budget", type=int, help="new total budget (to extend a finished run)")
     resume.add_argument("--quiet", action="store_true", help="no progress display")
 
-    report = sub.add_parser("report", help="plots and a table for one or more runs", description="Redraw each run's plots and print a table; with several runs also draw one comparison plot.")
+    report = sub.add_parser(
+        "report",
+        help="plots and a table for one or more runs",
+        description="Redraw each run's plots and print a table; with several runs also draw one comparison plot.",
+    )
     report.add_argument("runs", nargs="+", help="run directories")
     report.add_argument("--out", help="comparison plot path (default: OUTPUT/comparison.png beside the first run)")
     report.add_argument("--metric", default="test_accuracy", help="curve column to compare (default: test_accuracy)")
     report.add_argument("--json", action="store_true", help="print the runs' summaries as JSON instead of a table")
 
-    ls = sub.add_parser("ls", help="list the runs under a folder", description="List run directories with their status and results.")
+    ls = sub.add_parser(
+        "ls", help="list the runs under a folder", description="List run directories with their status and results."
+    )
     ls.add_argument("root", nargs="?", default="runs", help="folder holding run directories (default: runs)")
     return parser
 
@@ -56,7 +66,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     from evomerge.spec import load_spec
 
     spec = load_spec(args.spec, {"budget": args.budget, "seed": args.seed, "name": args.name, "output": args.output})
-    print(f"run {spec.name}: {spec.strategy.name} on {spec.evaluator.name}, budget {spec.budget:,} evaluations, seed {spec.seed}", file=sys.stderr)
+    print(
+        f"run {spec.name}: {spec.strategy.name} on {spec.evaluator.name}, "
+        f"budget {spec.budget:,} evaluations, seed {spec.seed}",
+        file=sys.stderr,
+    )
     run = start_run(spec, progress=not args.quiet)
     return _print_result(run)
 

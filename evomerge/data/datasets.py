@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 
@@ -52,7 +52,10 @@ DATASETS: dict[str, Callable[[], tuple[np.ndarray, np.ndarray]]] = {
 def load_dataset(name: str, train_fraction: float = 0.8) -> Dataset:
     """First `train_fraction` of the examples train, the rest test (the M2N2 paper's split)."""
     if name not in DATASETS:
-        raise SpecError("evaluator.dataset", f"unknown dataset {name!r}{did_you_mean(name, DATASETS)}; valid: {', '.join(sorted(DATASETS))}")
+        raise SpecError(
+            "evaluator.dataset",
+            f"unknown dataset {name!r}{did_you_mean(name, DATASETS)}; valid: {', '.join(sorted(DATASETS))}",
+        )
     x, y = DATASETS[name]()
     cut = int(len(x) * train_fraction)
     return Dataset(x[:cut], y[:cut], x[cut:], y[cut:])

@@ -23,9 +23,7 @@ class ClassificationOptions:
     train_fraction: float = 0.8
     hidden: list[int] = field(default_factory=lambda: [256])
     device: Literal["cpu", "cuda", "auto"] = "auto"
-    groups: dict[str, list[int]] = field(
-        default_factory=lambda: {"odd": [1, 3, 5, 7, 9], "even": [0, 2, 4, 6, 8]}
-    )
+    groups: dict[str, list[int]] = field(default_factory=lambda: {"odd": [1, 3, 5, 7, 9], "even": [0, 2, 4, 6, 8]})
 
     def check(self, path: str) -> None:
         require(
@@ -82,9 +80,7 @@ class ClassificationEvaluator:
         self.x_test = torch.from_numpy(data.x_test).to(self.device)
         self.y_test = torch.from_numpy(data.y_test).to(self.device)
         self.n_examples = len(data.y_train)
-        self._group_masks = {
-            name: np.isin(data.y_train, classes) for name, classes in options.groups.items()
-        }
+        self._group_masks = {name: np.isin(data.y_train, classes) for name, classes in options.groups.items()}
 
     def layout(self) -> Layout:
         return self._layout
@@ -119,7 +115,9 @@ class ClassificationEvaluator:
         if not bool(mask.any()):
             raise EvomergeError(f"models.specialists: no training examples with classes {classes}")
         x, y = self.x_train[mask], self.y_train[mask]
-        leaves = {k: v.detach().clone().to(self.device).requires_grad_(True) for k, v in self._layout.views(flat).items()}
+        leaves = {
+            k: v.detach().clone().to(self.device).requires_grad_(True) for k, v in self._layout.views(flat).items()
+        }
         optimizer = torch.optim.Adam(leaves.values(), lr=lr)
         for _ in range(steps):
             optimizer.zero_grad()

@@ -31,18 +31,20 @@ def run_rows(runs: list[RunDir]) -> list[dict[str, str]]:
     for run in runs:
         info = run.info()
         summary = run.summary() or {}
-        rows.append({
-            "run": run.path.name,
-            "status": info.get("status", "?"),
-            "strategy": summary.get("strategy") or run.load_spec().strategy.name,
-            "evals": f"{_fmt(summary.get('evaluations', info.get('evaluations', 0)))}/{_fmt(info.get('budget'))}",
-            "best train": _fmt(summary.get("best_train")),
-            "test acc": _fmt((summary.get("test") or {}).get("accuracy")),
-            "failed": _fmt(summary.get("failures")),
-            "wall s": _fmt(summary.get("wall_seconds"), 1),
-            "evals/s": _fmt(summary.get("evaluations_per_second"), 0),
-            "overhead": _fmt(summary.get("overhead_share"), 3),
-        })
+        rows.append(
+            {
+                "run": run.path.name,
+                "status": info.get("status", "?"),
+                "strategy": summary.get("strategy") or run.load_spec().strategy.name,
+                "evals": f"{_fmt(summary.get('evaluations', info.get('evaluations', 0)))}/{_fmt(info.get('budget'))}",
+                "best train": _fmt(summary.get("best_train")),
+                "test acc": _fmt((summary.get("test") or {}).get("accuracy")),
+                "failed": _fmt(summary.get("failures")),
+                "wall s": _fmt(summary.get("wall_seconds"), 1),
+                "evals/s": _fmt(summary.get("evaluations_per_second"), 0),
+                "overhead": _fmt(summary.get("overhead_share"), 3),
+            }
+        )
     return rows
 
 

@@ -57,7 +57,9 @@ def resume_run(path: str | Path, budget: int | None = None, progress: bool = Tru
             raise RunDirError(f"--budget must be > 0, got {budget}")
         summary = run.summary() or {}
         if info["status"] == "finished" and summary.get("evaluations", 0) >= budget:
-            raise RunDirError(f"{run.path} already finished its {budget:,} evaluations; pass a larger --budget to extend it")
+            raise RunDirError(
+                f"{run.path} already finished its {budget:,} evaluations; pass a larger --budget to extend it"
+            )
         manager = build_manager(run, spec, budget, fresh_seeds=info["status"] == "created", progress=progress)
         manager.restore()
         run.update_info(status="running", budget=budget)

@@ -99,7 +99,9 @@ class SearchManager:
                 if not replayed and self.executor.in_flight() == 0:
                     if self.strategy.finished:
                         break
-                    raise EvomergeError("the strategy has nothing to ask and nothing is being evaluated (did every initial model fail?)")
+                    raise EvomergeError(
+                        "the strategy has nothing to ask and nothing is being evaluated (did every initial model fail?)"
+                    )
                 from_journal = bool(replayed)
                 outcomes = replayed if from_journal else self.executor.collect()
                 for outcome in outcomes:
@@ -173,7 +175,11 @@ class SearchManager:
         best = self.strategy.best()
         elapsed = max(self.state.wall_seconds, 1e-9)
         self._progress.update(
-            done, done / elapsed, None if best is None else best[1], self.state.last_test.get("accuracy"), self.state.failures
+            done,
+            done / elapsed,
+            None if best is None else best[1],
+            self.state.last_test.get("accuracy"),
+            self.state.failures,
         )
 
     def _log_point(self) -> None:
@@ -186,7 +192,11 @@ class SearchManager:
         start = time.perf_counter()
         self.state.last_test = self.executor.test(best[0])
         self.state.test_seconds += time.perf_counter() - start
-        point = {"evaluations": self.state.evaluated, "wall_seconds": round(self.state.wall_seconds, 3), "best_train": best[1]}
+        point = {
+            "evaluations": self.state.evaluated,
+            "wall_seconds": round(self.state.wall_seconds, 3),
+            "best_train": best[1],
+        }
         point.update({f"test_{k}": v for k, v in self.state.last_test.items()})
         point.update(self.strategy.stats())
         self.state.curve.append(point)

@@ -22,7 +22,9 @@ class Progress:
         self._last = 0.0
         self._interval = 0.2 if self.tty else 10.0
 
-    def update(self, done: int, rate: float, best: float | None, test: float | None, failures: int, force: bool = False) -> None:
+    def update(
+        self, done: int, rate: float, best: float | None, test: float | None, failures: int, force: bool = False
+    ) -> None:
         if not self.enabled:
             return
         now = time.monotonic()

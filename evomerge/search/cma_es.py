@@ -13,10 +13,10 @@ import numpy as np
 from cmaes import SepCMA
 
 from evomerge.evaluate.base import EvalResult
+from evomerge.schema import require
 from evomerge.search import STRATEGIES
 from evomerge.search.base import Candidate, Proposal, Strategy
 from evomerge.space.base import Space
-from evomerge.schema import require
 
 
 @dataclass
@@ -49,7 +49,15 @@ def _restore_object_state(obj: object, state: dict[str, Any]) -> None:
     for key, value in state.items():
         current = getattr(obj, key)
         if isinstance(current, np.random.RandomState):
-            current.set_state((value["name"], np.asarray(value["keys"], dtype=np.uint32), value["pos"], value["has_gauss"], value["cached"]))
+            current.set_state(
+                (
+                    value["name"],
+                    np.asarray(value["keys"], dtype=np.uint32),
+                    value["pos"],
+                    value["has_gauss"],
+                    value["cached"],
+                )
+            )
         else:
             setattr(obj, key, value)
 

@@ -9,10 +9,10 @@ from typing import Any
 import numpy as np
 
 from evomerge.evaluate.base import EvalResult
+from evomerge.schema import require
 from evomerge.search import STRATEGIES
 from evomerge.search.base import Candidate, Proposal, Strategy
 from evomerge.space.base import BoxSpace
-from evomerge.schema import require
 
 
 @dataclass

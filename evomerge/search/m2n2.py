@@ -15,10 +15,11 @@ import numpy as np
 
 from evomerge.errors import EvomergeError
 from evomerge.evaluate.base import EvalResult
-from evomerge.search import STRATEGIES
-from evomerge.search.base import Candidate, Proposal, Strategy, sample_index
-from evomerge.space.base import VariationSpace
 from evomerge.schema import require
+from evomerge.search import STRATEGIES
+from evomerge.search.base import Candidate, Proposal, sample_index
+from evomerge.search.variation import EvolutionaryStrategy
+from evomerge.space.base import VariationSpace
 
 
 def resource_weights(scores: np.ndarray, alpha: float) -> np.ndarray:
@@ -80,13 +81,10 @@ class GAOptions:
         M2N2Options(self.population, 0.0, False, mutation_std=self.mutation_std).check(path)
 
 
-class M2N2(Strategy):
+class M2N2(EvolutionaryStrategy):
     def __init__(self, options: M2N2Options, space: VariationSpace, seed: int):
-        super().__init__(seed)
+        super().__init__(options, space, seed)
         self.options = options
-        self.space = space
-        self.inits = space.initial()
-        self.next_init = 0
         capacity, n_params = options.population, space.dim
         self.genomes = np.zeros((capacity, n_params), dtype=np.float32)
         self.scores: np.ndarray | None = None  # (capacity, n_examples), allocated on the first result
@@ -97,9 +95,9 @@ class M2N2(Strategy):
 
     # ask -----------------------------------------------------------------------------------
     def ask(self) -> Proposal | None:
-        if self.next_init < len(self.inits):
-            self.next_init += 1
-            return Proposal(self.inits[self.next_init - 1], {"init": self.next_init - 1})
+        initial = self.ask_initial()
+        if initial is not None:
+            return initial
         if self.size == 0:
             return None
         opts = self.options
@@ -111,18 +109,7 @@ class M2N2(Strategy):
             second = sample_index(self.rng, matches if matches.any() else fitness)
         else:
             second = sample_index(self.rng, fitness)
-        meta: dict[str, Any] = {"parents": [int(self.ids[first]), int(self.ids[second])]}
-        if opts.crossover:
-            split = int(self.rng.integers(self.space.dim)) if opts.split_point else self.space.dim
-            w = float(self.rng.random())
-            child = self.space.crossover(self.genomes[first], self.genomes[second], split, w)
-            meta.update(split=split, w=w)
-        else:
-            child = self.genomes[first].copy()
-            meta["parents"] = meta["parents"][:1]
-        if opts.mutation_std > 0:
-            child = self.space.mutate(child, opts.mutation_std, self.noise)
-        return Proposal(child, meta)
+        return self.breed((int(self.ids[first]), self.genomes[first]), (int(self.ids[second]), self.genomes[second]))
 
     # tell ----------------------------------------------------------------------------------
     def tell(self, candidate: Candidate, result: EvalResult | None) -> None:
@@ -184,7 +171,6 @@ class M2N2(Strategy):
             scores=None if self.scores is None else self.scores[: self.size].copy(),
             values=self.values[: self.size].copy(),
             ids=self.ids[: self.size].copy(),
-            next_init=self.next_init,
             replacements=self.replacements,
         )
         return state
@@ -198,7 +184,6 @@ class M2N2(Strategy):
             self.scores[: self.size] = state["scores"]
         self.values[: self.size] = state["values"]
         self.ids[: self.size] = state["ids"]
-        self.next_init = int(state["next_init"])
         self.replacements = int(state["replacements"])
 
 

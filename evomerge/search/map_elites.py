@@ -13,10 +13,11 @@ import numpy as np
 
 from evomerge.errors import EvomergeError
 from evomerge.evaluate.base import EvalResult
-from evomerge.search import STRATEGIES
-from evomerge.search.base import Candidate, Proposal, Strategy, sample_index
-from evomerge.space.base import VariationSpace
 from evomerge.schema import require
+from evomerge.search import STRATEGIES
+from evomerge.search.base import Candidate, Proposal, sample_index
+from evomerge.search.variation import EvolutionaryStrategy
+from evomerge.space.base import VariationSpace
 
 
 @dataclass
@@ -43,13 +44,10 @@ class MapElitesOptions:
         require(self.mutation_std >= 0, f"{path}.mutation_std", f"got {self.mutation_std}, must be >= 0")
 
 
-class MapElites(Strategy):
+class MapElites(EvolutionaryStrategy):
     def __init__(self, options: MapElitesOptions, space: VariationSpace, seed: int):
-        super().__init__(seed)
+        super().__init__(options, space, seed)
         self.options = options
-        self.space = space
-        self.inits = space.initial()
-        self.next_init = 0
         n_cells = int(np.prod(options.bins))
         self.genomes = np.zeros((n_cells, space.dim), dtype=np.float32)
         self.quality = np.zeros(n_cells)
@@ -68,9 +66,9 @@ class MapElites(Strategy):
         return int(np.ravel_multi_index(index, opts.bins))
 
     def ask(self) -> Proposal | None:
-        if self.next_init < len(self.inits):
-            self.next_init += 1
-            return Proposal(self.inits[self.next_init - 1], {"init": self.next_init - 1})
+        initial = self.ask_initial()
+        if initial is not None:
+            return initial
         cells = np.flatnonzero(self.occupied)
         if len(cells) == 0:
             return None
@@ -80,18 +78,7 @@ class MapElites(Strategy):
             weights[first] = 0.0  # two distinct parents, as in the paper's baseline
         second = sample_index(self.rng, weights)
         a, b = cells[first], cells[second]
-        meta: dict[str, Any] = {"parents": [int(self.ids[a]), int(self.ids[b])]}
-        opts = self.options
-        if opts.crossover:
-            split = int(self.rng.integers(self.space.dim)) if opts.split_point else self.space.dim
-            w = float(self.rng.random())
-            child = self.space.crossover(self.genomes[a], self.genomes[b], split, w)
-            meta.update(split=split, w=w)
-        else:
-            child = self.genomes[a].copy()
-        if opts.mutation_std > 0:
-            child = self.space.mutate(child, opts.mutation_std, self.noise)
-        return Proposal(child, meta)
+        return self.breed((int(self.ids[a]), self.genomes[a]), (int(self.ids[b]), self.genomes[b]))
 
     def tell(self, candidate: Candidate, result: EvalResult | None) -> None:
         if result is None:
@@ -128,7 +115,6 @@ class MapElites(Strategy):
             genomes=self.genomes[cells].copy(),
             quality=self.quality[cells].copy(),
             ids=self.ids[cells].copy(),
-            next_init=self.next_init,
         )
         return state
 
@@ -140,7 +126,6 @@ class MapElites(Strategy):
         self.genomes[cells] = state["genomes"]
         self.quality[cells] = state["quality"]
         self.ids[cells] = state["ids"]
-        self.next_init = int(state["next_init"])
 
 
 @STRATEGIES.register("map_elites", MapElitesOptions, "MAP-Elites over evaluator objectives", {"variation"})

@@ -4,4 +4,13 @@ from evomerge.store.journal import Journal, decode_scores, encode_scores, read_j
 from evomerge.store.rundir import RunDir, list_runs
 from evomerge.store.snapshot import load_state, save_state
 
-__all__ = ["Journal", "RunDir", "decode_scores", "encode_scores", "list_runs", "load_state", "read_journal", "save_state"]
+__all__ = [
+    "Journal",
+    "RunDir",
+    "decode_scores",
+    "encode_scores",
+    "list_runs",
+    "load_state",
+    "read_journal",
+    "save_state",
+]

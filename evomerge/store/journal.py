@@ -9,8 +9,9 @@ from __future__ import annotations
 import base64
 import json
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -34,7 +35,7 @@ def decode_scores(data: dict[str, Any]) -> np.ndarray:
 
 def format_line(entry: dict[str, Any]) -> str:
     payload = json.dumps(entry, separators=(",", ":"))
-    return f'{_PREFIX}{zlib.crc32(payload.encode()):08x}{_ENTRY}{payload}}}\n'
+    return f"{_PREFIX}{zlib.crc32(payload.encode()):08x}{_ENTRY}{payload}}}\n"
 
 
 def parse_line(line: str) -> dict[str, Any] | None:

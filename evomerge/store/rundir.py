@@ -53,13 +53,15 @@ class RunDir:
             raise RunDirError(f"{run.path} already holds this run; continue it with: evomerge resume {run.path}")
         run.path.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run.spec_path, spec.dump())
-        run.write_info({
-            "name": spec.name,
-            "created": now(),
-            "status": "created",
-            "budget": spec.budget,
-            "spec_sha256": spec.identity_hash(),
-        })
+        run.write_info(
+            {
+                "name": spec.name,
+                "created": now(),
+                "status": "created",
+                "budget": spec.budget,
+                "spec_sha256": spec.identity_hash(),
+            }
+        )
         return run
 
     @classmethod
@@ -91,7 +93,11 @@ class RunDir:
     def describe_change(self, other: SearchSpec) -> str:
         mine, theirs = _flatten(self.load_spec().to_plain()), _flatten(other.to_plain())
         for key in sorted(set(mine) | set(theirs)):
-            if key not in ("name", "budget", "output", "description") and not key.startswith("runtime.") and mine.get(key) != theirs.get(key):
+            if (
+                key not in ("name", "budget", "output", "description")
+                and not key.startswith("runtime.")
+                and mine.get(key) != theirs.get(key)
+            ):
                 return f"{key}: {mine.get(key)!r} there, {theirs.get(key)!r} now"
         return "same spec"
 

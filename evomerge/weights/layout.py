@@ -39,9 +39,7 @@ class Layout:
         if flat.shape != (self.size,):
             raise ShapeMismatchError(f"flat parameter vector has shape {flat.shape}, the model needs ({self.size},)")
         base = torch.from_numpy(flat)
-        return {
-            name: base[a:b].view(shape) for name, shape, (a, b) in zip(self.names, self.shapes, self.offsets())
-        }
+        return {name: base[a:b].view(shape) for name, shape, (a, b) in zip(self.names, self.shapes, self.offsets())}
 
     def flatten(self, tensors: dict[str, torch.Tensor], source: str = "model") -> np.ndarray:
         """Concatenate named tensors in layout order, naming the first tensor that does not fit."""
@@ -54,6 +52,6 @@ class Layout:
         extra = sorted(set(tensors) - set(self.names))
         if extra:
             raise ShapeMismatchError(f"{source} has tensor {extra[0]!r} that the model does not have")
-        return np.concatenate(
-            [tensors[n].detach().to(torch.float32).reshape(-1).numpy() for n in self.names]
-        ).astype(np.float32, copy=False)
+        return np.concatenate([tensors[n].detach().to(torch.float32).reshape(-1).numpy() for n in self.names]).astype(
+            np.float32, copy=False
+        )

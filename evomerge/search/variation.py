@@ -1,0 +1,55 @@
+"""The part M2N2, GA and MAP-Elites share: seeding the archive, then children by crossover + mutation."""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import numpy as np
+
+from evomerge.search.base import Proposal, Strategy
+from evomerge.space.base import VariationSpace
+
+
+class VariationOptions(Protocol):
+    crossover: bool
+    split_point: bool
+    mutation_std: float
+
+
+class EvolutionaryStrategy(Strategy):
+    """Asks the space's initial genomes first, then children of parents chosen by the subclass."""
+
+    def __init__(self, options: VariationOptions, space: VariationSpace, seed: int):
+        super().__init__(seed)
+        self.space = space
+        self.inits = space.initial()
+        self.next_init = 0
+        self._variation = options
+
+    def ask_initial(self) -> Proposal | None:
+        if self.next_init >= len(self.inits):
+            return None
+        self.next_init += 1
+        return Proposal(self.inits[self.next_init - 1], {"init": self.next_init - 1})
+
+    def breed(self, first: tuple[int, np.ndarray], second: tuple[int, np.ndarray]) -> Proposal:
+        """Split-point SLERP of the parents (split past the end without split point), then noise."""
+        opts = self._variation
+        if opts.crossover:
+            split = int(self.rng.integers(self.space.dim)) if opts.split_point else self.space.dim
+            w = float(self.rng.random())
+            child = self.space.crossover(first[1], second[1], split, w)
+            meta: dict[str, Any] = {"parents": [first[0], second[0]], "split": split, "w": w}
+        else:
+            child = first[1].copy()
+            meta = {"parents": [first[0]]}
+        if opts.mutation_std > 0:
+            child = self.space.mutate(child, opts.mutation_std, self.noise)
+        return Proposal(child, meta)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "next_init": self.next_init}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.next_init = int(state["next_init"])
