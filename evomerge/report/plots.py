@@ -37,7 +37,8 @@ def plot_run(run: RunDir) -> list[str]:
         ax.plot(x, [p.get("test_accuracy") for p in curve], label="test accuracy of best-on-train")
     ax.set_xlabel("evaluations (forward passes over the train split)")
     ax.set_ylabel("accuracy")
-    ax.set_title(run.path.name)
+    summary = run.summary() or {}
+    ax.set_title(f"{run.path.name} ({summary.get('strategy', '?')}, {summary.get('evaluations', 0):,} evaluations)")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
     fig.tight_layout()
