@@ -76,10 +76,14 @@ class Registry(Generic[F]):
 
     def resolve(self, data: Any, path: str) -> Component:
         """Validate a `{name: ..., **options}` block against the named entry's options class."""
+        if data is None:
+            raise SpecError(path, f"missing required field; valid {self.kind} names: {', '.join(self.names())}")
         if isinstance(data, str):
             data = {"name": data}
         if not isinstance(data, dict) or "name" not in data:
-            raise SpecError(f"{path}.name", f"missing required field; valid {self.kind}s: {', '.join(self.names())}")
+            raise SpecError(
+                f"{path}.name", f"missing required field; valid {self.kind} names: {', '.join(self.names())}"
+            )
         if not isinstance(data["name"], str):
             raise SpecError(f"{path}.name", f"got {data['name']!r}, expected a string")
         entry = self.entry(data["name"], f"{path}.name")

@@ -58,7 +58,7 @@ class RuntimeSpec:
 class _RawSpec:
     name: str
     budget: int
-    strategy: Any
+    strategy: Any = None
     seed: int = 0
     output: str = "runs"
     evaluator: Any = "classification"

@@ -414,7 +414,7 @@ def test_resume_path_that_does_not_exist(tmp_path, capsys):
     missing = tmp_path / "no-such-run"
     err = cli_error(capsys, ["resume", str(missing), "--quiet"])
     assert str(missing) in err
-    assert "not a directory" in err
+    assert "does not exist" in err
     assert not missing.exists()
 
 
@@ -669,3 +669,29 @@ def test_load_spec_round_trip_of_written_run(tmp_path, capsys):
     run = finished_run(tmp_path, capsys)
     info = json.loads((run / "run.json").read_text())
     assert load_spec(run / "spec.yaml").identity_hash() == info["spec_sha256"]
+
+
+# a start that fails before any evaluation leaves nothing behind --------------------------------
+
+
+def test_failed_start_leaves_no_run_directory(tmp_path, capsys):
+    spec = wine_spec(name="no-model")
+    spec["models"] = {"init": "files", "paths": [str(tmp_path / "missing.safetensors")]}
+    spec["output"] = str(tmp_path / "runs")
+    err = cli_error(capsys, ["run", str(write_spec(tmp_path / "s.yaml", spec)), "--quiet"])
+    assert "missing.safetensors" in err and "does not exist" in err
+    assert not (tmp_path / "runs" / "no-model").exists()
+    # the same name is free again once the spec is fixed
+    spec["models"] = {"init": "random"}
+    assert main(["run", str(write_spec(tmp_path / "s.yaml", spec)), "--quiet"]) == 0
+
+
+def test_run_into_a_locked_directory_writes_nothing(tmp_path, capsys):
+    spec = wine_spec(name="locked-new")
+    spec["output"] = str(tmp_path / "runs")
+    target = tmp_path / "runs" / "locked-new"
+    target.mkdir(parents=True)
+    with RunDir(target).lock():
+        err = cli_error(capsys, ["run", str(write_spec(tmp_path / "s.yaml", spec)), "--quiet"])
+    assert "in use" in err
+    assert sorted(p.name for p in target.iterdir()) == [".lock"]

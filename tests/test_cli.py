@@ -332,10 +332,10 @@ def test_ls_ignores_non_runs_and_handles_empty_or_missing_roots(tmp_path, capsys
 @pytest.mark.parametrize(
     ("command", "options"),
     [
-        ("run", ["spec", "--budget", "--seed", "--name", "--output", "--quiet"]),
-        ("resume", ["run", "--budget", "--quiet"]),
-        ("report", ["runs", "--out", "--metric", "--json"]),
-        ("ls", ["root"]),
+        ("run", ["SPEC", "--budget", "--seed", "--name", "--output", "--quiet"]),
+        ("resume", ["RUN", "--budget", "--quiet"]),
+        ("report", ["RUN", "--out", "--metric", "--json"]),
+        ("ls", ["ROOT"]),
     ],
 )
 def test_subcommand_help(command, options, capsys):

@@ -30,7 +30,7 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser(
         "run", help="start a search from a YAML spec", description="Validate SPEC, then run it into OUTPUT/NAME."
     )
-    run.add_argument("spec", help="path to a search spec (see search_spaces/)")
+    run.add_argument("spec", metavar="SPEC", help="path to a search spec (see search_spaces/)")
     run.add_argument("--budget", type=int, help="evaluations to spend (overrides the spec's budget)")
     run.add_argument("--seed", type=int, help="random seed (overrides the spec's seed)")
     run.add_argument("--name", help="run name, i.e. the directory under the output root (overrides the spec's name)")
@@ -40,7 +40,7 @@ def _parser() -> argparse.ArgumentParser:
     resume = sub.add_parser(
         "resume", help="continue an interrupted run", description="Continue RUN from its last snapshot and journal."
     )
-    resume.add_argument("run", help="a run directory, e.g. runs/m2n2-digits-scratch")
+    resume.add_argument("run", metavar="RUN", help="a run directory, e.g. runs/m2n2-digits-scratch")
     resume.add_argument("--budget", type=int, help="new total budget (to extend a finished run)")
     resume.add_argument("--quiet", action="store_true", help="no progress display")
 
@@ -49,7 +49,7 @@ def _parser() -> argparse.ArgumentParser:
         help="plots and a table for one or more runs",
         description="Redraw each run's plots and print a table; with several runs also draw one comparison plot.",
     )
-    report.add_argument("runs", nargs="+", help="run directories")
+    report.add_argument("runs", nargs="+", metavar="RUN", help="run directories")
     report.add_argument("--out", help="comparison plot path (default: OUTPUT/comparison.png beside the first run)")
     report.add_argument("--metric", default="test_accuracy", help="curve column to compare (default: test_accuracy)")
     report.add_argument("--json", action="store_true", help="print the runs' summaries as JSON instead of a table")
@@ -57,7 +57,9 @@ def _parser() -> argparse.ArgumentParser:
     ls = sub.add_parser(
         "ls", help="list the runs under a folder", description="List run directories with their status and results."
     )
-    ls.add_argument("root", nargs="?", default="runs", help="folder holding run directories (default: runs)")
+    ls.add_argument(
+        "root", nargs="?", default="runs", metavar="ROOT", help="folder holding run directories (default: runs)"
+    )
     return parser
 
 

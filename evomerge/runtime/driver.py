@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -39,11 +40,21 @@ def build_manager(run: RunDir, spec: SearchSpec, budget: int, fresh_seeds: bool,
 
 
 def start_run(spec: SearchSpec, root: str | Path | None = None, progress: bool = True) -> RunDir:
-    run = RunDir.create(spec, root if root is not None else spec.output)
-    with run.lock():
-        manager = build_manager(run, spec, spec.budget, fresh_seeds=True, progress=progress)
+    """Create the run directory (locked) and run; a run that fails before its first evaluation leaves nothing."""
+    root = Path(root if root is not None else spec.output)
+    fresh = not (root / spec.name).exists()
+    run = RunDir.create(spec, root)
+    try:
+        try:
+            manager = build_manager(run, spec, spec.budget, fresh_seeds=True, progress=progress)
+        except BaseException:
+            if fresh:
+                shutil.rmtree(run.path, ignore_errors=True)
+            raise
         run.update_info(status="running")
         _drive(run, manager)
+    finally:
+        run.held_lock.release()
     return run
 
 

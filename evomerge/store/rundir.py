@@ -24,6 +24,7 @@ def now() -> str:
 class RunDir:
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        self.held_lock: RunLock | None = None
 
     # files ----------------------------------------------------------------------------------
     spec_path = property(lambda self: self.path / "spec.yaml")
@@ -42,31 +43,45 @@ class RunDir:
     # lifecycle ------------------------------------------------------------------------------
     @classmethod
     def create(cls, spec: SearchSpec, root: str | Path) -> RunDir:
+        """Make and lock a new run directory; the caller must release `run.held_lock`."""
         run = cls(Path(root) / spec.name)
-        if run.info_path.exists():
-            existing = run.load_spec()
-            if existing.identity_hash() != spec.identity_hash():
-                raise RunDirError(
-                    f"{run.path} already holds a run of a different spec ({run.describe_change(spec)}); "
-                    "choose another --name or delete that directory"
-                )
-            raise RunDirError(f"{run.path} already holds this run; continue it with: evomerge resume {run.path}")
+        run.refuse_existing(spec)
         run.path.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run.spec_path, spec.dump())
-        run.write_info(
-            {
-                "name": spec.name,
-                "created": now(),
-                "status": "created",
-                "budget": spec.budget,
-                "spec_sha256": spec.identity_hash(),
-            }
-        )
+        run.held_lock = run.lock()
+        run.held_lock.acquire()
+        try:
+            run.refuse_existing(spec)  # another driver may have created it meanwhile
+            atomic_write_text(run.spec_path, spec.dump())
+            run.write_info(
+                {
+                    "name": spec.name,
+                    "created": now(),
+                    "status": "created",
+                    "budget": spec.budget,
+                    "spec_sha256": spec.identity_hash(),
+                    "spec": spec.to_plain(),
+                }
+            )
+        except BaseException:
+            run.held_lock.release()
+            raise
         return run
+
+    def refuse_existing(self, spec: SearchSpec) -> None:
+        if not self.info_path.exists():
+            return
+        if self.load_spec().identity_hash() != spec.identity_hash():
+            raise RunDirError(
+                f"{self.path} already holds a run of a different spec ({self.describe_change(spec)}); "
+                "choose another --name or delete that directory"
+            )
+        raise RunDirError(f"{self.path} already holds this run; continue it with: evomerge resume {self.path}")
 
     @classmethod
     def open(cls, path: str | Path) -> RunDir:
         run = cls(path)
+        if not run.path.exists():
+            raise RunDirError(f"{run.path} does not exist")
         if not run.path.is_dir():
             raise RunDirError(f"{run.path} is not a directory")
         if not run.info_path.is_file() or not run.spec_path.is_file():
@@ -82,11 +97,12 @@ class RunDir:
     def check_spec_unchanged(self) -> SearchSpec:
         """The stored spec must still hash to what the run started with."""
         spec = self.load_spec()
-        recorded = self.info()["spec_sha256"]
-        if spec.identity_hash() != recorded:
+        info = self.info()
+        if spec.identity_hash() != info["spec_sha256"]:
+            change = _first_difference(info.get("spec", {}), spec.to_plain())
             raise RunDirError(
-                f"{self.spec_path} was changed after the run started, so its results would not match it; "
-                "restore the file or start a new run with the changed spec"
+                f"{self.spec_path} was changed after the run started ({change}), so its results would not match "
+                "it; restore the file or start a new run with the changed spec"
             )
         return spec
 
@@ -115,6 +131,16 @@ class RunDir:
 
     def summary(self) -> dict[str, Any] | None:
         return json.loads(self.summary_path.read_text()) if self.summary_path.exists() else None
+
+
+def _first_difference(old: dict[str, Any], new: dict[str, Any]) -> str:
+    """The first field that changes the search's result, as 'field: old there, new now'."""
+    mine, theirs = _flatten(old), _flatten(new)
+    for key in sorted(set(mine) | set(theirs)):
+        ignored = key in ("name", "budget", "output", "description") or key.startswith("runtime.")
+        if not ignored and mine.get(key) != theirs.get(key):
+            return f"{key}: {mine.get(key)!r} there, {theirs.get(key)!r} now"
+    return "same spec"
 
 
 def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:

@@ -1,0 +1,326 @@
+"""The task-vector family as one pipeline: sparsify → sign consensus → aggregate → scale.
+
+With τ_i = θ_i − θ0, every method here is θ0 + λ(l) · aggregate(consensus(w_i · sparsify(τ_i))). The named
+methods (task_arithmetic, ties, dare, breadcrumbs, lines) are presets of `Pipeline`, which is itself registered
+as `task_vectors` with every stage exposed, so a search can treat the operator as a gene. The stages are public
+functions on float32 tensors so that they can be tested and reused alone.
+
+Counting conventions: a `density` keeps ceil(density · n) entries (at least one), `gamma` drops floor(gamma · n)
+outliers (it may drop none in a small tensor); magnitude thresholds keep every entry tied with the threshold.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from evomerge.errors import EvomergeError
+from evomerge.merge.base import MERGE_METHODS, CheckedOptions, MergeContext, Merger, TensorGroup, field_path
+from evomerge.schema import require
+
+Sparsify = Literal["none", "magnitude", "random", "outliers"]
+Consensus = Literal["none", "elect"]
+Aggregate = Literal["sum", "mean", "disjoint_mean"]
+Scope = Literal["tensor", "model"]
+
+_FUZZ = 1e-12  # so that 0.3 · 10 = 3.0000000000000004 counts as 3
+
+
+def keep_count(density: float, n: int) -> int:
+    """How many entries a density keeps: ceil(density · n), at least one of a non-empty tensor."""
+    return min(n, max(1, math.ceil(density * n * (1 - _FUZZ)))) if n else 0
+
+
+def drop_count(gamma: float, n: int) -> int:
+    """How many top outliers a gamma drops: floor(gamma · n)."""
+    return min(n, math.floor(gamma * n * (1 + _FUZZ)))
+
+
+def magnitude_threshold(magnitudes: Tensor, density: float) -> float:
+    """The k-th largest magnitude, k = keep_count(density, n); keeping |τ| ≥ it keeps the top-k fraction."""
+    flat = magnitudes.reshape(-1)
+    n = flat.numel()
+    if n == 0:
+        return math.inf
+    return float(torch.kthvalue(flat, n - keep_count(density, n) + 1).values)
+
+
+def global_magnitude_thresholds(task_vectors: Iterable[Sequence[Tensor]], density: float) -> list[float]:
+    """Per-task thresholds over the whole model, exact: collects every |τ_i| (fine for in-memory merges).
+
+    `task_vectors` yields, per tensor name, one task-vector tensor per task.
+    """
+    collected: list[list[Tensor]] = []
+    for taus in task_vectors:
+        collected = collected or [[] for _ in taus]
+        for bucket, tau in zip(collected, taus):
+            bucket.append(tau.detach().abs().reshape(-1).to(torch.float32))
+    return [magnitude_threshold(torch.cat(bucket), density) for bucket in collected]
+
+
+def sparsify_magnitude(tau: Tensor, density: float, threshold: float | None = None) -> Tensor:
+    """TIES trim: keep the entries with |τ| ≥ threshold (the tensor's own top-k threshold when None)."""
+    if threshold is None:
+        threshold = magnitude_threshold(tau.abs(), density)
+    return torch.where(tau.abs() >= threshold, tau, torch.zeros_like(tau))
+
+
+def dare_generator(seed: int, task: int, name: str) -> torch.Generator:
+    """A CPU generator fixed by (seed, task index, tensor name); crc32 because Python's hash() is salted."""
+    state = np.random.SeedSequence([seed, task, zlib.crc32(name.encode())]).generate_state(1, np.uint64)[0]
+    return torch.Generator().manual_seed(int(state))
+
+
+def dare_mask(shape: Sequence[int], drop_rate: float, seed: int, task: int, name: str) -> Tensor:
+    """DARE's keep mask (True = kept); drawn on the CPU so that it is the same on every device."""
+    return torch.rand(tuple(shape), generator=dare_generator(seed, task, name)) >= drop_rate
+
+
+def sparsify_random(tau: Tensor, drop_rate: float, keep: Tensor) -> Tensor:
+    """DARE: zero the dropped entries and rescale the survivors by 1/(1 − p) to keep the expectation."""
+    return torch.where(keep.to(tau.device), tau / (1.0 - drop_rate), torch.zeros_like(tau))
+
+
+def sparsify_outliers(tau: Tensor, density: float, gamma: float) -> Tensor:
+    """Model Breadcrumbs: drop the largest gamma fraction of |τ| and the smallest, keeping a `density` band.
+
+    Ranks come from a stable sort, so ties are broken by position and the band has exactly the counted size.
+    """
+    flat = tau.reshape(-1)
+    n = flat.numel()
+    top = drop_count(gamma, n)
+    order = torch.sort(flat.abs(), descending=True, stable=True).indices
+    band = order[top : top + keep_count(density, n)]
+    out = torch.zeros_like(flat)
+    out[band] = flat[band]
+    return out.reshape(tau.shape)
+
+
+def elect_signs(taus: Tensor) -> Tensor:
+    """TIES sign election on stacked task vectors: sign(Σ_i τ_i) per coordinate (0 where the sum is 0)."""
+    return torch.sign(taus.sum(dim=0))
+
+
+def aggregate(taus: Tensor, mode: Aggregate, signs: Tensor | None = None) -> Tensor:
+    """Combine stacked task vectors; with `signs`, only entries agreeing with the elected sign take part.
+
+    `disjoint_mean` divides by the number of non-zero (agreeing) entries per coordinate, as in TIES.
+    """
+    if signs is not None:
+        taus = torch.where(torch.sign(taus) == signs, taus, torch.zeros_like(taus))
+    if mode == "sum":
+        return taus.sum(dim=0)
+    if mode == "mean":
+        return taus.mean(dim=0)
+    return taus.sum(dim=0) / (taus != 0).sum(dim=0).clamp(min=1)
+
+
+def depth_scale(alpha: float, beta: float, layer: int | None, num_layers: int | None, name: str = "") -> float:
+    """LiNeS: λ(l) = α + β · l/(L − 1); tensors outside the layer stack (embeddings, heads) get α."""
+    if layer is None or beta == 0:
+        return alpha
+    if num_layers is None:
+        raise EvomergeError(f"tensor {name!r} is in layer {layer} but num_layers was not given")
+    if not 0 <= layer < num_layers:
+        raise EvomergeError(f"tensor {name!r} is in layer {layer}, outside 0..{num_layers - 1}")
+    return alpha + beta * (layer / (num_layers - 1) if num_layers > 1 else 0.0)
+
+
+@dataclass
+class Pipeline(CheckedOptions):
+    """Every stage of the task-vector pipeline; registered as `task_vectors`, and what each preset builds.
+
+    `scale` is λ (LiNeS's α); with `beta` ≠ 0 the scale grows with depth as λ(l) = scale + beta · l/(L − 1).
+    `weights` multiply each τ_i after sparsification, before sign election.
+    """
+
+    sparsify: Sparsify = "none"
+    density: float = 0.2
+    drop_rate: float = 0.9
+    gamma: float = 0.01
+    seed: int = 0
+    scope: Scope = "tensor"
+    consensus: Consensus = "none"
+    aggregate: Aggregate = "sum"
+    weights: list[float] | None = None
+    scale: float = 1.0
+    beta: float = 0.0
+
+    def check(self, path: str) -> None:
+        super().check(path)
+        self.check_consistency(path)
+
+    def check_consistency(self, path: str) -> None:
+        """Rules between fields, shared by the presets (whose fields carry the same names)."""
+        if self.sparsify == "outliers":
+            require(
+                self.density + self.gamma <= 1,
+                field_path(path, "density"),
+                f"got {self.density} with gamma {self.gamma}; density + gamma must be <= 1",
+            )
+        if self.scope == "model":
+            require(
+                self.sparsify == "magnitude",
+                field_path(path, "scope"),
+                f"'model' needs sparsify 'magnitude', got {self.sparsify!r}",
+            )
+
+    def sparsified(self, task: int, name: str, tau: Tensor, context: MergeContext, method: str) -> Tensor:
+        if self.sparsify == "magnitude":
+            return sparsify_magnitude(tau, self.density, self._threshold(task, name, context, method))
+        if self.sparsify == "random":
+            return sparsify_random(tau, self.drop_rate, dare_mask(tau.shape, self.drop_rate, self.seed, task, name))
+        if self.sparsify == "outliers":
+            return sparsify_outliers(tau, self.density, self.gamma)
+        return tau
+
+    def _threshold(self, task: int, name: str, context: MergeContext, method: str) -> float | None:
+        if self.scope == "tensor":
+            return None
+        if context.model_stats is None:
+            raise EvomergeError(
+                f"method {method!r} with scope 'model' needs model-wide thresholds for {name!r}: "
+                "run Merger.prepare over all tensors first (merge_state_dicts does)"
+            )
+        return context.model_stats[task]
+
+    def merge(self, method: str, name: str, base: Tensor, tensors: list[Tensor], context: MergeContext) -> Tensor:
+        taus = torch.stack([self.sparsified(i, name, t - base, context, method) for i, t in enumerate(tensors)])
+        if self.weights is not None:
+            taus = taus * torch.tensor(self.weights, dtype=taus.dtype, device=taus.device).view(-1, *[1] * base.dim())
+        signs = elect_signs(taus) if self.consensus == "elect" else None
+        lam = depth_scale(self.scale, self.beta, context.layer, context.num_layers, name)
+        return base + lam * aggregate(taus, self.aggregate, signs)
+
+    def prepare(self, groups: Iterable[TensorGroup]) -> list[float]:
+        return global_magnitude_thresholds(([t - g.base for t in g.tensors] for g in groups), self.density)
+
+    def merger(self, method: str, options: object) -> Merger:
+        def kernel(name: str, base: Tensor | None, tensors: list[Tensor], context: MergeContext) -> Tensor:
+            assert base is not None  # Merger checks needs_base first
+            return self.merge(method, name, base, tensors, context)
+
+        two_pass = self.sparsify == "magnitude" and self.scope == "model"
+        prepare = self.prepare if two_pass else None
+        return Merger(method, kernel, needs_base=True, weights=self.weights, prepare_fn=prepare, options=options)
+
+
+@dataclass(kw_only=True)
+class _Preset(CheckedOptions):
+    """A named method: a fixed choice of stages, exposing only the knobs that method has."""
+
+    method: ClassVar[str]
+    weights: list[float] | None = None
+
+    def pipeline(self) -> Pipeline:
+        raise NotImplementedError
+
+    def check(self, path: str) -> None:
+        super().check(path)
+        self.pipeline().check_consistency(path)
+
+
+@dataclass(kw_only=True)
+class TaskArithmeticOptions(_Preset):
+    method: ClassVar[str] = "task_arithmetic"
+    scale: float = 1.0
+
+    def pipeline(self) -> Pipeline:
+        return Pipeline(weights=self.weights, scale=self.scale)
+
+
+@dataclass(kw_only=True)
+class TiesOptions(_Preset):
+    """`aggregate: mean` is TIES's disjoint mean over the entries that agree with the elected sign."""
+
+    method: ClassVar[str] = "ties"
+    density: float = 0.2
+    scope: Scope = "tensor"
+    aggregate: Literal["mean", "sum"] = "mean"
+    scale: float = 1.0
+
+    def pipeline(self) -> Pipeline:
+        mode: Aggregate = "disjoint_mean" if self.aggregate == "mean" else "sum"
+        return Pipeline(
+            "magnitude",
+            self.density,
+            scope=self.scope,
+            consensus="elect",
+            aggregate=mode,
+            weights=self.weights,
+            scale=self.scale,
+        )
+
+
+@dataclass(kw_only=True)
+class DareOptions(_Preset):
+    """`consensus: elect` gives DARE-TIES; the mask is fixed by (seed, task index, tensor name)."""
+
+    method: ClassVar[str] = "dare"
+    drop_rate: float = 0.9
+    seed: int = 0
+    consensus: Consensus = "none"
+    aggregate: Aggregate = "sum"
+    scale: float = 1.0
+
+    def pipeline(self) -> Pipeline:
+        return Pipeline(
+            "random",
+            drop_rate=self.drop_rate,
+            seed=self.seed,
+            consensus=self.consensus,
+            aggregate=self.aggregate,
+            weights=self.weights,
+            scale=self.scale,
+        )
+
+
+@dataclass(kw_only=True)
+class BreadcrumbsOptions(_Preset):
+    method: ClassVar[str] = "breadcrumbs"
+    density: float = 0.9
+    gamma: float = 0.01
+    scale: float = 1.0
+
+    def pipeline(self) -> Pipeline:
+        return Pipeline("outliers", self.density, gamma=self.gamma, weights=self.weights, scale=self.scale)
+
+
+@dataclass(kw_only=True)
+class LinesOptions(_Preset):
+    """LiNeS on a task-arithmetic merge: shallow layers keep less of the task vectors than deep ones."""
+
+    method: ClassVar[str] = "lines"
+    alpha: float
+    beta: float
+    aggregate: Aggregate = "sum"
+
+    def pipeline(self) -> Pipeline:
+        return Pipeline(aggregate=self.aggregate, weights=self.weights, scale=self.alpha, beta=self.beta)
+
+
+def build_task_vector_method(options: _Preset | Pipeline) -> Merger:
+    """The one factory of the family: a preset becomes its pipeline, the pipeline becomes a Merger."""
+    if isinstance(options, Pipeline):
+        return options.merger("task_vectors", options)
+    return options.pipeline().merger(options.method, options)
+
+
+MERGE_METHODS.register("task_vectors", Pipeline, "sparsify → sign consensus → aggregate → scale, every stage open")(
+    build_task_vector_method
+)
+for _preset, _summary in [
+    (TaskArithmeticOptions, "θ0 + Σ λ_i τ_i"),
+    (TiesOptions, "TIES: trim to top-k |τ|, elect signs, disjoint mean"),
+    (DareOptions, "DARE: drop τ entries with probability p, rescale by 1/(1 − p)"),
+    (BreadcrumbsOptions, "Model Breadcrumbs: drop the top gamma and the small entries of |τ|"),
+    (LinesOptions, "LiNeS: task vectors scaled by α + β · depth"),
+]:
+    MERGE_METHODS.register(_preset.method, _preset, _summary)(build_task_vector_method)
