@@ -103,6 +103,7 @@ def check_tensor(name: str, tensor: Tensor, who: str, shape: tuple[int, ...] | N
 
 
 def weighted_sum(tensors: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
+    """Σ w_i t_i accumulated in place, so only one extra tensor is alive however many models there are."""
     out = torch.zeros_like(tensors[0])
     for w, t in zip(weights, tensors):
         out.add_(t, alpha=float(w))

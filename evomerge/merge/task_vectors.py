@@ -11,11 +11,12 @@ outliers (it may drop none in a small tensor); magnitude thresholds keep every e
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import zlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import ClassVar, Literal, TypeVar
 
 import numpy as np
 import torch
@@ -214,96 +215,27 @@ class Pipeline(CheckedOptions):
 
 @dataclass(kw_only=True)
 class _Preset(CheckedOptions):
-    """A named method: a fixed choice of stages, exposing only the knobs that method has."""
+    """A named method: a fixed choice of stages, exposing only the knobs that method has.
+
+    A preset's fields that carry a `Pipeline` field's name pass through unchanged; `fixed` (set by `@preset`)
+    holds the stages the method does not let the user choose, and `stages()` derives what is named differently.
+    """
 
     method: ClassVar[str]
+    fixed: ClassVar[dict[str, object]]
     weights: list[float] | None = None
 
+    def stages(self) -> dict[str, object]:
+        return dict(self.fixed)
+
     def pipeline(self) -> Pipeline:
-        raise NotImplementedError
+        shared = {f.name for f in dataclasses.fields(Pipeline)}
+        knobs = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name in shared}
+        return Pipeline(**{**knobs, **self.stages()})  # type: ignore[arg-type]
 
     def check(self, path: str) -> None:
         super().check(path)
         self.pipeline().check_consistency(path)
-
-
-@dataclass(kw_only=True)
-class TaskArithmeticOptions(_Preset):
-    method: ClassVar[str] = "task_arithmetic"
-    scale: float = 1.0
-
-    def pipeline(self) -> Pipeline:
-        return Pipeline(weights=self.weights, scale=self.scale)
-
-
-@dataclass(kw_only=True)
-class TiesOptions(_Preset):
-    """`aggregate: mean` is TIES's disjoint mean over the entries that agree with the elected sign."""
-
-    method: ClassVar[str] = "ties"
-    density: float = 0.2
-    scope: Scope = "tensor"
-    aggregate: Literal["mean", "sum"] = "mean"
-    scale: float = 1.0
-
-    def pipeline(self) -> Pipeline:
-        mode: Aggregate = "disjoint_mean" if self.aggregate == "mean" else "sum"
-        return Pipeline(
-            "magnitude",
-            self.density,
-            scope=self.scope,
-            consensus="elect",
-            aggregate=mode,
-            weights=self.weights,
-            scale=self.scale,
-        )
-
-
-@dataclass(kw_only=True)
-class DareOptions(_Preset):
-    """`consensus: elect` gives DARE-TIES; the mask is fixed by (seed, task index, tensor name)."""
-
-    method: ClassVar[str] = "dare"
-    drop_rate: float = 0.9
-    seed: int = 0
-    consensus: Consensus = "none"
-    aggregate: Aggregate = "sum"
-    scale: float = 1.0
-
-    def pipeline(self) -> Pipeline:
-        return Pipeline(
-            "random",
-            drop_rate=self.drop_rate,
-            seed=self.seed,
-            consensus=self.consensus,
-            aggregate=self.aggregate,
-            weights=self.weights,
-            scale=self.scale,
-        )
-
-
-@dataclass(kw_only=True)
-class BreadcrumbsOptions(_Preset):
-    method: ClassVar[str] = "breadcrumbs"
-    density: float = 0.9
-    gamma: float = 0.01
-    scale: float = 1.0
-
-    def pipeline(self) -> Pipeline:
-        return Pipeline("outliers", self.density, gamma=self.gamma, weights=self.weights, scale=self.scale)
-
-
-@dataclass(kw_only=True)
-class LinesOptions(_Preset):
-    """LiNeS on a task-arithmetic merge: shallow layers keep less of the task vectors than deep ones."""
-
-    method: ClassVar[str] = "lines"
-    alpha: float
-    beta: float
-    aggregate: Aggregate = "sum"
-
-    def pipeline(self) -> Pipeline:
-        return Pipeline(aggregate=self.aggregate, weights=self.weights, scale=self.alpha, beta=self.beta)
 
 
 def build_task_vector_method(options: _Preset | Pipeline) -> Merger:
@@ -313,14 +245,79 @@ def build_task_vector_method(options: _Preset | Pipeline) -> Merger:
     return options.pipeline().merger(options.method, options)
 
 
+P = TypeVar("P", bound=type[_Preset])
+
+
+def preset(method: str, summary: str, **fixed: object) -> Callable[[P], P]:
+    """Register an options class as the named method `method`, with the pipeline stages in `fixed`."""
+
+    def register(cls: P) -> P:
+        cls.method, cls.fixed = method, fixed
+        MERGE_METHODS.register(method, cls, summary)(build_task_vector_method)
+        return cls
+
+    return register
+
+
 MERGE_METHODS.register("task_vectors", Pipeline, "sparsify → sign consensus → aggregate → scale, every stage open")(
     build_task_vector_method
 )
-for _preset, _summary in [
-    (TaskArithmeticOptions, "θ0 + Σ λ_i τ_i"),
-    (TiesOptions, "TIES: trim to top-k |τ|, elect signs, disjoint mean"),
-    (DareOptions, "DARE: drop τ entries with probability p, rescale by 1/(1 − p)"),
-    (BreadcrumbsOptions, "Model Breadcrumbs: drop the top gamma and the small entries of |τ|"),
-    (LinesOptions, "LiNeS: task vectors scaled by α + β · depth"),
-]:
-    MERGE_METHODS.register(_preset.method, _preset, _summary)(build_task_vector_method)
+
+
+@dataclass(kw_only=True)
+class _ScaledPreset(_Preset):
+    """Presets with one constant λ on the merged task vector."""
+
+    scale: float = 1.0
+
+
+@preset("task_arithmetic", "θ0 + Σ λ_i τ_i")
+@dataclass(kw_only=True)
+class TaskArithmeticOptions(_ScaledPreset):
+    pass
+
+
+@preset("ties", "TIES: trim to top-k |τ|, elect signs, disjoint mean", sparsify="magnitude", consensus="elect")
+@dataclass(kw_only=True)
+class TiesOptions(_ScaledPreset):
+    """`aggregate: mean` is TIES's disjoint mean over the entries that agree with the elected sign."""
+
+    density: float = 0.2
+    scope: Scope = "tensor"
+    aggregate: Literal["mean", "sum"] = "mean"
+
+    def stages(self) -> dict[str, object]:
+        return {**self.fixed, "aggregate": "disjoint_mean" if self.aggregate == "mean" else "sum"}
+
+
+@preset("dare", "DARE: drop τ entries with probability p, rescale by 1/(1 − p)", sparsify="random")
+@dataclass(kw_only=True)
+class DareOptions(_ScaledPreset):
+    """`consensus: elect` gives DARE-TIES; the mask is fixed by (seed, task index, tensor name)."""
+
+    drop_rate: float = 0.9
+    seed: int = 0
+    consensus: Consensus = "none"
+    aggregate: Aggregate = "sum"
+
+
+@preset("breadcrumbs", "Model Breadcrumbs: drop the top gamma and the small entries of |τ|", sparsify="outliers")
+@dataclass(kw_only=True)
+class BreadcrumbsOptions(_ScaledPreset):
+    """Keeps the `density` band of |τ| below the top `gamma` outliers (density + gamma <= 1)."""
+
+    density: float = 0.9
+    gamma: float = 0.01
+
+
+@preset("lines", "LiNeS: task vectors scaled by α + β · depth")
+@dataclass(kw_only=True)
+class LinesOptions(_Preset):
+    """LiNeS on a task-arithmetic merge: shallow layers keep less of the task vectors than deep ones."""
+
+    alpha: float
+    beta: float
+    aggregate: Aggregate = "sum"
+
+    def stages(self) -> dict[str, object]:
+        return {**self.fixed, "scale": self.alpha}

@@ -33,10 +33,13 @@ class EvolutionaryStrategy(Strategy):
         return Proposal(self.inits[self.next_init - 1], {"init": self.next_init - 1})
 
     def breed(self, first: tuple[int, np.ndarray], second: tuple[int, np.ndarray]) -> Proposal:
-        """Split-point SLERP of the parents (split past the end without split point), then noise."""
+        """Split-point SLERP of the parents (split past the end without split point), then noise.
+
+        The split is drawn uniformly over the space's split positions (parameters, for both spaces).
+        """
         opts = self._variation
         if opts.crossover:
-            split = int(self.rng.integers(self.space.dim)) if opts.split_point else self.space.dim
+            split = int(self.rng.integers(self.space.n_splits)) if opts.split_point else self.space.n_splits
             w = float(self.rng.random())
             child = self.space.crossover(first[1], second[1], split, w)
             meta: dict[str, Any] = {"parents": [first[0], second[0]], "split": split, "w": w}

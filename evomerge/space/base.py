@@ -25,6 +25,8 @@ class Space(Protocol):
 class VariationSpace(Space, Protocol):
     """A space whose genomes can be recombined and mutated (M2N2, GA, MAP-Elites)."""
 
+    n_splits: int  # split positions crossover draws from; n_splits itself means "no split"
+
     def crossover(self, x: np.ndarray, y: np.ndarray, split: int, w: float) -> np.ndarray: ...
 
     def mutate(self, genome: np.ndarray, std: float, generator: torch.Generator) -> np.ndarray: ...

@@ -16,6 +16,7 @@ class WeightSpace:
     def __init__(self, layout: Layout, seeds: list[np.ndarray]):
         self.layout = layout
         self.dim = layout.size
+        self.n_splits = layout.size
         self.seeds = seeds
 
     def initial(self) -> list[np.ndarray]:

@@ -120,7 +120,8 @@ def check_compatible(checkpoints: list[Checkpoint]) -> None:
                 raise ShapeMismatchError(f"tensor {name!r} is in {first.path} but not in {other.path}")
             if first.shape(name) != other.shape(name):
                 raise ShapeMismatchError(
-                    f"tensor {name!r} has shape {first.shape(name)} in {first.path} and {other.shape(name)} in {other.path}"
+                    f"tensor {name!r} has shape {first.shape(name)} in {first.path} "
+                    f"and {other.shape(name)} in {other.path}"
                 )
         extra = sorted(other_names - set(names))
         if extra:

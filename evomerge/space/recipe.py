@@ -1,0 +1,118 @@
+"""Individuals as recipes: a per-block coefficient matrix over the seed models.
+
+An individual is Σ_k C[b, k] θ_k on block b. M2N2's crossover of two such individuals is again
+one, exactly: SLERP needs only the whole vectors' dot product and norms, and
+⟨x, y⟩ = Σ_b C_x[b]ᵀ G_b C_y[b] with G_b the Gram matrix of the seeds on block b. Split points
+fall on block boundaries (drawn uniformly over parameters, then moved to the start of their
+block). So an archive of merged models costs B × K numbers per individual, whatever the model size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+
+from evomerge.errors import SpecError
+from evomerge.merge import slerp_coefficients
+from evomerge.schema import require
+from evomerge.space import SPACES
+from evomerge.weights import Layout
+from evomerge.weights.blocks import BlockMap
+
+
+@dataclass
+class RecipeOptions:
+    blocks: Literal["layer", "tensor", "chunks"] = "tensor"
+    chunks: int = 64
+    regex: str | None = None
+
+    def check(self, path: str) -> None:
+        require(self.chunks >= 1, f"{path}.chunks", f"got {self.chunks}, must be >= 1")
+
+
+def block_ranges(layout: Layout, options: RecipeOptions) -> list[tuple[int, int]]:
+    """Contiguous [start, end) ranges of the flat vector, one per block, covering it in order."""
+    if options.blocks == "chunks":
+        edges = np.linspace(0, layout.size, min(options.chunks, layout.size) + 1).round().astype(int)
+        return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:]) if b > a]
+    offsets = dict(zip(layout.names, layout.offsets()))
+    names = list(layout.names)
+    if options.blocks == "tensor":
+        return [offsets[n] for n in names]
+    blocks = BlockMap.by_layer(names, options.regex)
+    ranges: list[tuple[int, int]] = []
+    for name in names:
+        start, end = offsets[name]
+        if ranges and blocks.tensor_blocks[name] == blocks.tensor_blocks[previous]:
+            ranges[-1] = (ranges[-1][0], end)
+        else:
+            ranges.append((start, end))
+        previous = name
+    return ranges
+
+
+class RecipeSpace:
+    def __init__(self, layout: Layout, seeds: list[np.ndarray], ranges: list[tuple[int, int]]):
+        self.layout = layout
+        self.seeds = np.stack(seeds).astype(np.float32)
+        self.ranges = ranges
+        self.n_blocks, self.n_seeds = len(ranges), len(seeds)
+        self.dim = self.n_blocks * self.n_seeds
+        self.n_splits = layout.size
+        self.starts = np.array([a for a, _ in ranges])
+        self.lengths = np.array([b - a for a, b in ranges])
+        seeds64 = self.seeds.astype(np.float64)
+        self.gram = np.stack([seeds64[:, a:b] @ seeds64[:, a:b].T for a, b in ranges])  # (B, K, K)
+
+    def coefficients(self, genome: np.ndarray) -> np.ndarray:
+        return np.asarray(genome, dtype=np.float64).reshape(self.n_blocks, self.n_seeds)
+
+    def initial(self) -> list[np.ndarray]:
+        """Each seed model itself: coefficient 1 on seed k in every block."""
+        return [np.tile(np.eye(self.n_seeds)[k], self.n_blocks).astype(np.float32) for k in range(self.n_seeds)]
+
+    def materialize(self, genome: np.ndarray) -> np.ndarray:
+        per_parameter = np.repeat(self.coefficients(genome).astype(np.float32), self.lengths, axis=0)  # (n, K)
+        flat = per_parameter[:, 0] * self.seeds[0]
+        for k in range(1, self.n_seeds):
+            flat += per_parameter[:, k] * self.seeds[k]
+        return flat
+
+    def decode(self, genome: np.ndarray) -> dict[str, torch.Tensor]:
+        return self.layout.views(self.materialize(genome))
+
+    def boundary(self, split: int) -> int:
+        """The block whose start is at or before parameter index `split` (n_blocks past the end)."""
+        if split >= self.layout.size:
+            return self.n_blocks
+        return int(np.searchsorted(self.starts, split, side="right") - 1)
+
+    def crossover(self, x: np.ndarray, y: np.ndarray, split: int, w: float) -> np.ndarray:
+        cx, cy = self.coefficients(x), self.coefficients(y)
+        dot = float(np.einsum("bk,bkl,bl->", cx, self.gram, cy))
+        norm_x = float(np.sqrt(max(np.einsum("bk,bkl,bl->", cx, self.gram, cx), 0.0)))
+        norm_y = float(np.sqrt(max(np.einsum("bk,bkl,bl->", cy, self.gram, cy), 0.0)))
+        a1, b1 = slerp_coefficients(w, dot, norm_x, norm_y)
+        a2, b2 = slerp_coefficients(1.0 - w, dot, norm_x, norm_y)
+        cut = self.boundary(split)
+        child = np.empty_like(cx)
+        child[:cut] = a1 * cx[:cut] + b1 * cy[:cut]
+        child[cut:] = a2 * cx[cut:] + b2 * cy[cut:]
+        return child.ravel().astype(np.float32)
+
+    def mutate(self, genome: np.ndarray, std: float, generator: torch.Generator) -> np.ndarray:
+        """Noise on the coefficients (weights themselves cannot be mutated and stay a recipe)."""
+        noise = torch.randn(genome.shape[0], generator=generator).numpy() * std
+        return (genome + noise).astype(np.float32)
+
+
+@SPACES.register(
+    "recipe", RecipeOptions, "per-block coefficients over the seed models (kilobyte archives)", tags={"variation"}
+)
+def build_recipe_space(options: RecipeOptions, layout: Layout, seeds: list[np.ndarray]) -> RecipeSpace:
+    if len(seeds) < 2:
+        raise SpecError("space.name", f"'recipe' merges seed models and needs at least 2, models.init gives {len(seeds)}")
+    return RecipeSpace(layout, seeds, block_ranges(layout, options))
