@@ -54,6 +54,18 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--metric", default="test_accuracy", help="curve column to compare (default: test_accuracy)")
     report.add_argument("--json", action="store_true", help="print the runs' summaries as JSON instead of a table")
 
+    merge = sub.add_parser(
+        "merge",
+        help="apply a fixed merge to checkpoints on disk",
+        description="Merge the checkpoints a PLAN names, streaming tensor by tensor, into the folder OUT "
+        "(safetensors, sharded above max_shard_size, with the first model folder's config and tokenizer files).",
+    )
+    merge.add_argument("plan", metavar="PLAN", help="merge plan YAML: method, base (optional), models")
+    merge.add_argument("--out", required=True, metavar="DIR", help="output model folder (must not exist)")
+    merge.add_argument(
+        "--allow-pickle", action="store_true", help="read .bin/.pt files with torch.load(weights_only=True)"
+    )
+
     ls = sub.add_parser(
         "ls", help="list the runs under a folder", description="List run directories with their status and results."
     )
@@ -115,6 +127,16 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_merge(args: argparse.Namespace) -> int:
+    from evomerge.merge.plan import MergePlan
+
+    plan = MergePlan.load(args.plan)
+    plan.allow_pickle = plan.allow_pickle or args.allow_pickle
+    out = plan.run(args.out)
+    print(f"merged {len(plan.models)} models with {plan.method.name} into {out}")
+    return 0
+
+
 def cmd_ls(args: argparse.Namespace) -> int:
     from evomerge.report import format_table, run_rows
     from evomerge.store import list_runs
@@ -127,7 +149,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "resume": cmd_resume, "report": cmd_report, "ls": cmd_ls}
+COMMANDS = {"run": cmd_run, "resume": cmd_resume, "report": cmd_report, "merge": cmd_merge, "ls": cmd_ls}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -22,6 +21,7 @@ from torch import Tensor
 from evomerge.errors import EvomergeError, ShapeMismatchError
 from evomerge.registry import Component, Registry
 from evomerge.schema import require
+from evomerge.weights.blocks import layer_index
 
 MERGE_METHODS: Registry = Registry("merge method")
 
@@ -209,13 +209,9 @@ def merge_tensor(
     return as_merger(method)(name, base, tensors, context)
 
 
-_LAYER = re.compile(r"(?:^|\.)(?:layers|layer|blocks|block|h)\.(\d+)(?:\.|$)")
-
-
 def layer_index_from_name(name: str) -> int | None:
     """Transformer block index in names like `model.layers.3.mlp.weight` or `h.3.attn`; None elsewhere."""
-    match = _LAYER.search(name)
-    return int(match.group(1)) if match else None
+    return layer_index(name)
 
 
 def check_same_layout(reference: Mapping[str, Tensor], ref_label: str, others: Sequence[tuple[str, Mapping]]) -> None:

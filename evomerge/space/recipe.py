@@ -44,13 +44,15 @@ def block_ranges(layout: Layout, options: RecipeOptions) -> list[tuple[int, int]
         return [offsets[n] for n in names]
     blocks = BlockMap.by_layer(names, options.regex)
     ranges: list[tuple[int, int]] = []
+    owners: list[str] = []
     for name in names:
         start, end = offsets[name]
-        if ranges and blocks.tensor_blocks[name] == blocks.tensor_blocks[previous]:
+        block = blocks.tensor_blocks[name]
+        if owners and owners[-1] == block:
             ranges[-1] = (ranges[-1][0], end)
         else:
             ranges.append((start, end))
-        previous = name
+            owners.append(block)
     return ranges
 
 
@@ -114,5 +116,7 @@ class RecipeSpace:
 )
 def build_recipe_space(options: RecipeOptions, layout: Layout, seeds: list[np.ndarray]) -> RecipeSpace:
     if len(seeds) < 2:
-        raise SpecError("space.name", f"'recipe' merges seed models and needs at least 2, models.init gives {len(seeds)}")
+        raise SpecError(
+            "space.name", f"'recipe' merges seed models and needs at least 2, models.init gives {len(seeds)}"
+        )
     return RecipeSpace(layout, seeds, block_ranges(layout, options))

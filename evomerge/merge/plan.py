@@ -1,0 +1,85 @@
+"""A fixed merge read from YAML (`evomerge merge PLAN.yaml --out DIR`): method, base, models.
+
+    method: {name: ties, density: 0.2}     # any registered merge method and its options
+    base: checkpoints/base                  # optional; task-vector methods need it
+    models: [checkpoints/math, checkpoints/code]
+    allow_pickle: false                     # read .bin/.pt only through torch.load(weights_only=True)
+    max_shard_size: 5GB
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from evomerge.errors import SpecError
+from evomerge.merge.base import MERGE_METHODS
+from evomerge.merge.streaming import merge_checkpoints
+from evomerge.registry import Component
+from evomerge.schema import parse, require
+from evomerge.weights.checkpoint import Checkpoint
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)B?\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str, path: str = "max_shard_size") -> int:
+    match = _SIZE.match(text)
+    if not match:
+        raise SpecError(path, f"got {text!r}, expected a size such as 500MB or 5GB")
+    return int(float(match.group(1)) * 1024 ** " KMGT".index(match.group(2).upper() or " "))
+
+
+@dataclass
+class _RawPlan:
+    method: Any
+    models: list[str]
+    base: str | None = None
+    allow_pickle: bool = False
+    max_shard_size: str = "5GB"
+
+    def check(self, path: str) -> None:
+        require(len(self.models) >= 1, "models", "needs at least one model path")
+
+
+@dataclass
+class MergePlan:
+    method: Component
+    models: list[Path]
+    base: Path | None = None
+    allow_pickle: bool = False
+    max_shard_bytes: int = 5 * 2**30
+    source: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, path: str | Path) -> MergePlan:
+        path = Path(path)
+        if not path.is_file():
+            raise SpecError("", f"merge plan {str(path)!r} does not exist")
+        data = yaml.safe_load(path.read_text())
+        raw = parse(_RawPlan, data)
+        return cls(
+            method=MERGE_METHODS.resolve(raw.method, "method"),
+            models=[Path(m) for m in raw.models],
+            base=None if raw.base is None else Path(raw.base),
+            allow_pickle=raw.allow_pickle,
+            max_shard_bytes=parse_size(raw.max_shard_size),
+            source=data,
+        )
+
+    def run(self, out: str | Path) -> Path:
+        models = [Checkpoint.open(p, self.allow_pickle) for p in self.models]
+        base = None if self.base is None else Checkpoint.open(self.base, self.allow_pickle)
+        plan_text = yaml.safe_dump(self.source, sort_keys=False)
+        return merge_checkpoints(
+            self.method,
+            models,
+            out,
+            base=base,
+            max_shard_bytes=self.max_shard_bytes,
+            metadata={"evomerge_method": self.method.name},
+            extra_files={"merge_plan.yaml": plan_text},
+        )
