@@ -66,6 +66,18 @@ def _parser() -> argparse.ArgumentParser:
         "--allow-pickle", action="store_true", help="read .bin/.pt files with torch.load(weights_only=True)"
     )
 
+    export = sub.add_parser(
+        "export",
+        help="write the merged model of a run's individual",
+        description="Write one individual of RUN as a safetensors model folder with recipe.json beside it "
+        "(default folder: RUN/export/best or RUN/export/id-ID).",
+    )
+    export.add_argument("run", metavar="RUN", help="a run directory")
+    which = export.add_mutually_exclusive_group()
+    which.add_argument("--best", action="store_true", help="the best individual on the search split (default)")
+    which.add_argument("--id", type=int, metavar="ID", help="an archive member's id (see journal.jsonl)")
+    export.add_argument("--out", metavar="DIR", help="output folder (must not exist)")
+
     ls = sub.add_parser(
         "ls", help="list the runs under a folder", description="List run directories with their status and results."
     )
@@ -137,6 +149,14 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from evomerge.runtime.export import export_individual
+
+    out = export_individual(args.run, args.id, args.out)
+    print(f"exported {'individual ' + str(args.id) if args.id is not None else 'the best individual'} to {out}")
+    return 0
+
+
 def cmd_ls(args: argparse.Namespace) -> int:
     from evomerge.report import format_table, run_rows
     from evomerge.store import list_runs
@@ -149,7 +169,14 @@ def cmd_ls(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "resume": cmd_resume, "report": cmd_report, "merge": cmd_merge, "ls": cmd_ls}
+COMMANDS = {
+    "run": cmd_run,
+    "resume": cmd_resume,
+    "report": cmd_report,
+    "merge": cmd_merge,
+    "export": cmd_export,
+    "ls": cmd_ls,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

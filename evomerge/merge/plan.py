@@ -1,10 +1,10 @@
 """A fixed merge read from YAML (`evomerge merge PLAN.yaml --out DIR`): method, base, models.
 
-    method: {name: ties, density: 0.2}     # any registered merge method and its options
-    base: checkpoints/base                  # optional; task-vector methods need it
-    models: [checkpoints/math, checkpoints/code]
-    allow_pickle: false                     # read .bin/.pt only through torch.load(weights_only=True)
-    max_shard_size: 5GB
+method: {name: ties, density: 0.2}     # any registered merge method and its options
+base: checkpoints/base                  # optional; task-vector methods need it
+models: [checkpoints/math, checkpoints/code]
+allow_pickle: false                     # read .bin/.pt only through torch.load(weights_only=True)
+max_shard_size: 5GB
 """
 
 from __future__ import annotations

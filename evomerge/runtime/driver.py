@@ -11,21 +11,20 @@ from typing import Any
 import torch
 
 from evomerge.errors import RunDirError
-from evomerge.evaluate import EVALUATORS
+from evomerge.evaluate import EVALUATORS, Evaluator
 from evomerge.runtime.executor import InProcessExecutor
 from evomerge.runtime.manager import SearchManager
-from evomerge.search import STRATEGIES
+from evomerge.search import STRATEGIES, Strategy
 from evomerge.seeds import build_seeds, load_seeds, save_seeds
-from evomerge.space import SPACES
+from evomerge.space import SPACES, Space
 from evomerge.spec import SearchSpec
 from evomerge.store import RunDir
 from evomerge.store.atomic import atomic_write_text
 from evomerge.weights.io import save_tensors
 
 
-def build_manager(run: RunDir, spec: SearchSpec, budget: int, fresh_seeds: bool, progress: bool) -> SearchManager:
-    if spec.runtime.threads:
-        torch.set_num_threads(spec.runtime.threads)
+def build_parts(run: RunDir, spec: SearchSpec, fresh_seeds: bool) -> tuple[Evaluator, Space, Strategy]:
+    """The evaluator, the space over the run's seed models, and a fresh strategy."""
     evaluator = EVALUATORS.build(spec.evaluator)
     layout = evaluator.layout()
     if fresh_seeds:
@@ -34,7 +33,13 @@ def build_manager(run: RunDir, spec: SearchSpec, budget: int, fresh_seeds: bool,
     else:
         seeds = load_seeds(run.seeds_dir, layout)
     space = SPACES.build(spec.space, layout=layout, seeds=seeds)
-    strategy = STRATEGIES.build(spec.strategy, space=space, seed=spec.seed)
+    return evaluator, space, STRATEGIES.build(spec.strategy, space=space, seed=spec.seed)
+
+
+def build_manager(run: RunDir, spec: SearchSpec, budget: int, fresh_seeds: bool, progress: bool) -> SearchManager:
+    if spec.runtime.threads:
+        torch.set_num_threads(spec.runtime.threads)
+    evaluator, space, strategy = build_parts(run, spec, fresh_seeds)
     executor = InProcessExecutor(evaluator, space)
     return SearchManager(run, spec, strategy, executor, space, budget, progress=progress)
 

@@ -1,0 +1,70 @@
+"""`evomerge export`: the merged model of one of a run's individuals, with its recipe beside it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from evomerge.errors import EvomergeError
+from evomerge.runtime.driver import build_parts
+from evomerge.store import RunDir, iter_journal, load_state
+from evomerge.weights.checkpoint import write_checkpoint
+
+
+def archive_members(strategy_state: dict[str, Any]) -> dict[int, np.ndarray]:
+    """Individual id -> genome for strategies that keep an archive (M2N2, GA, MAP-Elites)."""
+    ids, genomes = strategy_state.get("ids"), strategy_state.get("genomes")
+    if ids is None or genomes is None:
+        return {}
+    return {int(i): g for i, g in zip(ids, genomes)}
+
+
+def export_individual(run_path: str | Path, individual: int | None, out: str | Path | None = None) -> Path:
+    """Write individual `individual` (None: the best on the search split) as a safetensors model folder."""
+    run = RunDir.open(run_path)
+    if not run.snapshot_path.exists():
+        raise EvomergeError(f"{run.path} has no snapshot yet; nothing to export")
+    spec = run.check_spec_unchanged()
+    _, space, strategy = build_parts(run, spec, fresh_seeds=False)
+    state = load_state(run.snapshot_path)["strategy"]
+    strategy.load_state_dict(state)
+    label = "best" if individual is None else f"id-{individual}"
+    if individual is None:
+        best = strategy.best()
+        if best is None:
+            raise EvomergeError(f"{run.path} has no evaluated individual yet")
+        genome = best[0]
+        members = {i: g for i, g in archive_members(state).items() if np.array_equal(g, genome)}
+        individual = next(iter(members), None)
+    else:
+        members = archive_members(state)
+        if individual not in members:
+            known = ", ".join(map(str, sorted(members))) or "none (this strategy keeps only its best)"
+            raise EvomergeError(f"individual {individual} is not in the archive of {run.path}; archive ids: {known}")
+        genome = members[individual]
+    entry = next((e for e in iter_journal(run.journal_path) if e["id"] == individual), None)
+    recipe = {
+        "run": str(run.path),
+        "individual": individual,
+        "space": spec.space.to_plain(),
+        "seeds": [str(p) for p in sorted(run.seeds_dir.glob("seed_*.safetensors"))],
+        "objectives": None if entry is None else entry.get("objectives"),
+        "lineage": None if entry is None else entry.get("meta"),
+    }
+    if spec.space.name != "weights":  # small genomes (recipes, SLERP weights) are the recipe itself
+        recipe["genome"] = [float(v) for v in genome]
+    if hasattr(space, "ranges"):
+        recipe["blocks"] = [list(r) for r in space.ranges]
+    tensors = space.decode(genome)
+    out = Path(out) if out is not None else run.path / "export" / label
+    entries = [(n, tuple(t.shape), t.dtype) for n, t in tensors.items()]
+    return write_checkpoint(
+        out,
+        entries,
+        tensors.items(),
+        extra_files={"recipe.json": json.dumps(recipe, indent=2) + "\n"},
+        metadata={"evomerge_run": run.path.name},
+    )
