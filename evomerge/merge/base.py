@@ -97,15 +97,16 @@ def check_tensor(name: str, tensor: Tensor, who: str, shape: tuple[int, ...] | N
     """Shape against `shape` (when given) and finiteness of one input tensor; `who` names its owner."""
     if shape is not None and _shape(tensor) != shape:
         raise ShapeMismatchError(f"tensor {name!r}: {who} has shape {_shape(tensor)}, expected {shape}")
-    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+    # one cheap reduction first: a sum is finite unless an entry is not (or the sum overflows)
+    if tensor.is_floating_point() and not math.isfinite(float(tensor.sum())) and not bool(torch.isfinite(tensor).all()):
         kind = "nan" if bool(torch.isnan(tensor).any()) else "inf"
         raise EvomergeError(f"tensor {name!r} of {who} has a non-finite value ({kind})")
 
 
 def weighted_sum(tensors: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
     """Σ w_i t_i accumulated in place, so only one extra tensor is alive however many models there are."""
-    out = torch.zeros_like(tensors[0])
-    for w, t in zip(weights, tensors):
+    out = torch.mul(tensors[0], float(weights[0]))
+    for w, t in zip(weights[1:], tensors[1:]):
         out.add_(t, alpha=float(w))
     return out
 

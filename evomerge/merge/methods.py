@@ -81,20 +81,24 @@ SlerpStats = tuple[float, float, float]
 
 
 def slerp_model_stats(pairs: Iterable[tuple[Tensor, Tensor]]) -> SlerpStats:
-    """(x·y, |x|, |y|) summed over tensor pairs, accumulated in float64; one pass, streaming-friendly."""
+    """(x·y, |x|, |y|) summed over tensor pairs; one pass, streaming-friendly.
+
+    Each tensor's dot products run in float32 through BLAS (no float64 copies of the tensors), and
+    the per-tensor results are accumulated in Python floats.
+    """
     dot = xx = yy = 0.0
     for x, y in pairs:
-        x64, y64 = x.detach().reshape(-1).double(), y.detach().reshape(-1).double()
-        dot += float(x64 @ y64)
-        xx += float(x64 @ x64)
-        yy += float(y64 @ y64)
+        xf, yf = x.detach().reshape(-1).float(), y.detach().reshape(-1).float()
+        dot += float(torch.dot(xf, yf))
+        xx += float(torch.dot(xf, xf))
+        yy += float(torch.dot(yf, yf))
     return dot, math.sqrt(xx), math.sqrt(yy)
 
 
 def slerp_tensors(x: Tensor, y: Tensor, t: float, stats: SlerpStats | None = None) -> Tensor:
     """SLERP of two tensors: the angle of these tensors, or of whole models when `stats` are given."""
     a, b = slerp_coefficients(t, *(stats if stats is not None else slerp_model_stats([(x, y)])))
-    return a * x + b * y
+    return torch.mul(x, a).add_(y, alpha=b)
 
 
 def _slerp_ends(base: Tensor | None, tensors: Sequence[Tensor]) -> tuple[Tensor, Tensor]:

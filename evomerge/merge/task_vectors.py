@@ -23,7 +23,15 @@ import torch
 from torch import Tensor
 
 from evomerge.errors import EvomergeError
-from evomerge.merge.base import MERGE_METHODS, CheckedOptions, MergeContext, Merger, TensorGroup, field_path
+from evomerge.merge.base import (
+    MERGE_METHODS,
+    CheckedOptions,
+    MergeContext,
+    Merger,
+    TensorGroup,
+    field_path,
+    weighted_sum,
+)
 from evomerge.schema import require
 
 Sparsify = Literal["none", "magnitude", "random", "outliers"]
@@ -50,7 +58,10 @@ def magnitude_threshold(magnitudes: Tensor, density: float) -> float:
     n = flat.numel()
     if n == 0:
         return math.inf
-    return float(torch.kthvalue(flat, n - keep_count(density, n) + 1).values)
+    rank = n - keep_count(density, n)  # 0-based rank of the threshold in ascending order
+    if flat.device.type == "cpu":  # numpy's introselect is linear time, torch.kthvalue far slower on CPU
+        return float(np.partition(flat.detach().to(torch.float32).numpy(), rank)[rank])
+    return float(torch.kthvalue(flat, rank + 1).values)
 
 
 def global_magnitude_thresholds(task_vectors: Iterable[Sequence[Tensor]], density: float) -> list[float]:
@@ -68,9 +79,10 @@ def global_magnitude_thresholds(task_vectors: Iterable[Sequence[Tensor]], densit
 
 def sparsify_magnitude(tau: Tensor, density: float, threshold: float | None = None) -> Tensor:
     """TIES trim: keep the entries with |τ| ≥ threshold (the tensor's own top-k threshold when None)."""
+    magnitude = tau.abs()
     if threshold is None:
-        threshold = magnitude_threshold(tau.abs(), density)
-    return torch.where(tau.abs() >= threshold, tau, torch.zeros_like(tau))
+        threshold = magnitude_threshold(magnitude, density)
+    return tau.masked_fill(magnitude < threshold, 0.0)
 
 
 def dare_generator(seed: int, task: int, name: str) -> torch.Generator:
@@ -115,12 +127,15 @@ def aggregate(taus: Tensor, mode: Aggregate, signs: Tensor | None = None) -> Ten
     `disjoint_mean` divides by the number of non-zero (agreeing) entries per coordinate, as in TIES.
     """
     if signs is not None:
-        taus = torch.where(torch.sign(taus) == signs, taus, torch.zeros_like(taus))
+        agree = (taus * signs) > 0  # zero entries never agree: they add nothing and are not counted
+        taus = taus * agree
+    else:
+        agree = taus != 0
     if mode == "sum":
         return taus.sum(dim=0)
     if mode == "mean":
         return taus.mean(dim=0)
-    return taus.sum(dim=0) / (taus != 0).sum(dim=0).clamp(min=1)
+    return taus.sum(dim=0) / agree.sum(dim=0).clamp(min=1)
 
 
 def depth_scale(alpha: float, beta: float, layer: int | None, num_layers: int | None, name: str = "") -> float:
@@ -193,11 +208,17 @@ class Pipeline(CheckedOptions):
         return context.model_stats[task]
 
     def merge(self, method: str, name: str, base: Tensor, tensors: list[Tensor], context: MergeContext) -> Tensor:
+        lam = depth_scale(self.scale, self.beta, context.layer, context.num_layers, name)
+        if self.sparsify == "none" and self.consensus == "none" and self.aggregate in ("sum", "mean"):
+            # no per-entry stage: θ0 + λ Σ c_i (θ_i − θ0) is one weighted sum, with no task vector built
+            c = [lam * w for w in (self.weights or [1.0] * len(tensors))]
+            if self.aggregate == "mean":
+                c = [v / len(tensors) for v in c]
+            return weighted_sum([base, *tensors], [1.0 - sum(c), *c])
         taus = torch.stack([self.sparsified(i, name, t - base, context, method) for i, t in enumerate(tensors)])
         if self.weights is not None:
             taus = taus * torch.tensor(self.weights, dtype=taus.dtype, device=taus.device).view(-1, *[1] * base.dim())
         signs = elect_signs(taus) if self.consensus == "elect" else None
-        lam = depth_scale(self.scale, self.beta, context.layer, context.num_layers, name)
         return base + lam * aggregate(taus, self.aggregate, signs)
 
     def prepare(self, groups: Iterable[TensorGroup]) -> list[float]:
