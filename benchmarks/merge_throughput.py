@@ -208,7 +208,10 @@ def main() -> int:
         paths = make_synthetic(data / f"synthetic-{size}gb", size)
         rows += measure(f"{size:g} GB", paths, paths["base"].stat().st_size, data)
 
-    header = f"{'model':>8} {'method':<16} {'inputs':>6} {'GB/s':>7} {'lerp GB/s':>9} {'of lerp':>8} {'peak MB':>8} {'growth MB':>9} {'peak/model':>10}"
+    header = (
+        f"{'model':>8} {'method':<16} {'inputs':>6} {'GB/s':>7} {'lerp GB/s':>9} {'of lerp':>8} "
+        f"{'peak MB':>8} {'growth MB':>9} {'peak/model':>10}"
+    )
     lines = [header, "-" * len(header)]
     for r in rows:
         lines.append(
