@@ -25,7 +25,11 @@ def random_genome(layout: Layout, std: float, seed: int, index: int) -> np.ndarr
 
 
 def specialists(models: ModelsSpec, evaluator: Evaluator, evaluator_key: dict) -> list[np.ndarray]:
-    """Train one model per class group (the paper: Adam, lr 0.003, 10 full-batch steps), cached."""
+    """Train one model per class group (the paper: Adam, lr 0.003, 10 full-batch steps), cached.
+
+    With `shared_init` every specialist starts from one random init, which comes first in the list:
+    a common base model, as task-vector merging (task arithmetic, TIES, DARE) expects.
+    """
     train = getattr(evaluator, "train_specialist", None)
     if train is None:
         raise EvomergeError(
@@ -33,7 +37,7 @@ def specialists(models: ModelsSpec, evaluator: Evaluator, evaluator_key: dict) -
             "(use models.init: files)"
         )
     layout = evaluator.layout()
-    out = []
+    out = [random_genome(layout, models.std, models.train_seed, 0)] if models.shared_init else []
     for k, classes in enumerate(models.specialists):
         key = json.dumps(
             {
@@ -44,6 +48,7 @@ def specialists(models: ModelsSpec, evaluator: Evaluator, evaluator_key: dict) -
                 "seed": models.train_seed,
                 "index": k,
                 "std": models.std,
+                **({"shared_init": True} if models.shared_init else {}),
             },
             sort_keys=True,
         )
@@ -51,7 +56,7 @@ def specialists(models: ModelsSpec, evaluator: Evaluator, evaluator_key: dict) -
         if path.exists():
             out.append(load_flat(path, layout))
             continue
-        init = random_genome(layout, models.std, models.train_seed, k)
+        init = random_genome(layout, models.std, models.train_seed, 0 if models.shared_init else k)
         trained = train(init, classes, models.train_steps, models.train_lr)
         path.parent.mkdir(parents=True, exist_ok=True)
         save_flat(path, trained, layout, {"classes": json.dumps(classes), "recipe": key})

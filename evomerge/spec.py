@@ -26,6 +26,7 @@ class ModelsSpec:
     train_steps: int = 10
     train_lr: float = 0.003
     train_seed: int = 42
+    shared_init: bool = False
     paths: list[str] = field(default_factory=list)
 
     def check(self, path: str) -> None:

@@ -5,6 +5,6 @@ from evomerge.space.base import BoxSpace, Space, VariationSpace
 
 SPACES: Registry = Registry("space")
 
-from evomerge.space import recipe, slerp_line, weights  # noqa: E402,F401  (registers the built-ins)
+from evomerge.space import merge_genes, recipe, slerp_line, weights  # noqa: E402,F401  (registers the built-ins)
 
 __all__ = ["SPACES", "BoxSpace", "Space", "VariationSpace"]

@@ -1,0 +1,142 @@
+"""Merge hyper-parameters as genes: the operator and its knobs, globally, per model, per block or both.
+
+A genome is a point in the unit cube. One gene picks the operator when several are listed; every
+other gene is one value of a knob (`weights`, `scale`, `density`, `drop_rate`, `t`, …) mapped to
+its range. The decoded model is the chosen operator applied tensor by tensor to the seed models,
+with each tensor getting the knob values of its block.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from evomerge.errors import SpecError
+from evomerge.merge.base import MERGE_METHODS, MergeContext, as_merger
+from evomerge.registry import Component
+from evomerge.schema import require
+from evomerge.space import SPACES
+from evomerge.weights import Layout
+from evomerge.weights.blocks import BlockMap
+
+Per = Literal["global", "model", "block", "model_block"]
+PER_MODEL_KNOBS = ("weights",)  # knobs that hold one value per model
+
+
+@dataclass
+class GeneSpec:
+    low: float = 0.0
+    high: float = 1.0
+    per: Per = "global"
+
+    def check(self, path: str) -> None:
+        require(self.low < self.high, f"{path}.high", f"got {self.high}, must be > low = {self.low}")
+
+
+@dataclass
+class MergeGenesOptions:
+    methods: list[str] = field(default_factory=lambda: ["task_arithmetic"])
+    base: int | None = 0
+    blocks: Literal["layer", "tensor"] = "layer"
+    regex: str | None = None
+    genes: dict[str, GeneSpec] = field(default_factory=lambda: {"scale": GeneSpec(0.0, 1.5)})
+    fixed: dict[str, Any] = field(default_factory=dict)
+
+    def check(self, path: str) -> None:
+        require(len(self.methods) >= 1, f"{path}.methods", "needs at least one merge method")
+        for i, name in enumerate(self.methods):
+            entry = MERGE_METHODS.entry(name, f"{path}.methods[{i}]")
+            for knob in self.genes:
+                fields = getattr(entry.options, "__dataclass_fields__", {})
+                require(
+                    knob in fields,
+                    f"{path}.genes.{knob}",
+                    f"method {name!r} has no option {knob!r}; its options: {', '.join(sorted(fields))}",
+                )
+        for knob, gene in self.genes.items():
+            if knob not in PER_MODEL_KNOBS:
+                require(
+                    gene.per in ("global", "block"),
+                    f"{path}.genes.{knob}.per",
+                    f"got {gene.per!r}; {knob!r} is one value per tensor, allowed: 'global', 'block'",
+                )
+
+
+class MergeGenesSpace:
+    """A box space: strategies see [0, 1]^dim; `decode` runs the merge the genes describe."""
+
+    def __init__(self, options: MergeGenesOptions, layout: Layout, seeds: list[np.ndarray]):
+        self.options = options
+        self.layout = layout
+        base_index = options.base
+        if base_index is not None and not 0 <= base_index < len(seeds):
+            raise SpecError("space.base", f"got {base_index}, the run has {len(seeds)} seed models")
+        self.base = None if base_index is None else layout.views(seeds[base_index])
+        self.models = [layout.views(s) for i, s in enumerate(seeds) if i != base_index]
+        names = list(layout.names)
+        self.blockmap = (
+            BlockMap.by_layer(names, options.regex) if options.blocks == "layer" else BlockMap.per_tensor(names)
+        )
+        self.slots: list[tuple[str, str, int]] = []  # (knob, per, count) in genome order
+        n_blocks, n_models = len(self.blockmap.blocks), len(self.models)
+        counts = {"global": 1, "model": n_models, "block": n_blocks, "model_block": n_models * n_blocks}
+        self.choose_method = len(options.methods) > 1
+        offset = int(self.choose_method)
+        self.gene_slices: dict[str, slice] = {}
+        for knob, gene in options.genes.items():
+            self.gene_slices[knob] = slice(offset, offset + counts[gene.per])
+            offset += counts[gene.per]
+        self.dim = offset
+        self.low, self.high = np.zeros(self.dim), np.ones(self.dim)
+
+    def initial(self) -> list[np.ndarray]:
+        return [np.full(self.dim, 0.5, dtype=np.float32)]
+
+    def method_of(self, genome: np.ndarray) -> str:
+        if not self.choose_method:
+            return self.options.methods[0]
+        methods = self.options.methods
+        return methods[min(len(methods) - 1, int(float(genome[0]) * len(methods)))]
+
+    def knobs(self, genome: np.ndarray, block: int) -> dict[str, Any]:
+        """The option values block `block` gets: genes mapped to their ranges, plus the fixed options."""
+        values: dict[str, Any] = dict(self.options.fixed)
+        n_models, n_blocks = len(self.models), len(self.blockmap.blocks)
+        for knob, gene in self.options.genes.items():
+            raw = np.clip(np.asarray(genome[self.gene_slices[knob]], dtype=np.float64), 0.0, 1.0)
+            mapped = gene.low + raw * (gene.high - gene.low)
+            if gene.per == "global":
+                value: Any = float(mapped[0])
+            elif gene.per == "block":
+                value = float(mapped[block])
+            elif gene.per == "model":
+                value = [float(v) for v in mapped]
+            else:
+                value = [float(v) for v in mapped.reshape(n_models, n_blocks)[:, block]]
+            if knob in PER_MODEL_KNOBS and not isinstance(value, list):
+                value = [value] * n_models
+            values[knob] = value
+        return values
+
+    def merge_component(self, genome: np.ndarray, block: int) -> Component:
+        method = self.method_of(genome)
+        return MERGE_METHODS.resolve({"name": method, **self.knobs(genome, block)}, "space")
+
+    def decode(self, genome: np.ndarray) -> dict[str, torch.Tensor]:
+        out = {}
+        blocks = self.blockmap
+        for name in self.layout.names:
+            merger = as_merger(self.merge_component(genome, blocks.index(name)))
+            layer = blocks.depth.get(blocks.tensor_blocks[name])
+            context = MergeContext(layer=layer, num_layers=blocks.n_layers or None)
+            base = None if self.base is None else self.base[name]
+            out[name] = merger(name, base, [m[name] for m in self.models], context)
+        return out
+
+
+@SPACES.register("merge", MergeGenesOptions, "merge operator and its knobs as genes in [0, 1]^d", tags={"box"})
+def build_merge_genes_space(options: MergeGenesOptions, layout: Layout, seeds: list[np.ndarray]) -> MergeGenesSpace:
+    return MergeGenesSpace(options, layout, seeds)
