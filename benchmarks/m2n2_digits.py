@@ -17,8 +17,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -26,9 +24,10 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from _results import RESULTS, save_result
+
 ROOT = Path(__file__).resolve().parent.parent
 SPECS = ROOT / "search_spaces"
-RESULTS = ROOT / "benchmarks" / "results"
 
 
 @dataclass(frozen=True)
@@ -235,18 +234,8 @@ def main() -> int:
     table = "\n".join(lines)
     print(table)
 
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = {
-        "benchmark": "m2n2_digits",
-        "date": dt.date.today().isoformat(),
-        "machine": {"cpus": os.cpu_count(), "gpu": None, "platform": platform.platform()},
-        "command": "python benchmarks/m2n2_digits.py" + (" --quick" if args.quick else ""),
-        "seeds": seeds,
-        "rows": [{k: v for k, v in r.items() if k != "curves"} for r in rows],
-        "timing": timing,
-        "table": table,
-    }
-    (RESULTS / f"m2n2_digits{suffix}.json").write_text(json.dumps(out, indent=2) + "\n")
+    rows_out = [{k: v for k, v in r.items() if k != "curves"} for r in rows]
+    save_result(f"m2n2_digits{suffix}", table, rows_out, seeds=seeds, timing=timing)
     plot(rows, RESULTS / f"m2n2_digits{suffix}.png")
     print(f"\nwrote {RESULTS / f'm2n2_digits{suffix}.json'} and .png", file=sys.stderr)
     return 0

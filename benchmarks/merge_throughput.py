@@ -15,18 +15,16 @@ measurement runs in a fresh subprocess that reports its wall time and its peak r
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
-import os
-import platform
 import shutil
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
+from _results import save_result
+
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks" / "results"
 N_TENSORS = 128
 
 METHODS: dict[str, dict] = {
@@ -220,16 +218,7 @@ def main() -> int:
         )
     table = "\n".join(lines)
     print(table)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = {
-        "benchmark": "merge_throughput",
-        "date": dt.date.today().isoformat(),
-        "machine": {"cpus": os.cpu_count(), "gpu": None, "platform": platform.platform()},
-        "command": "python benchmarks/merge_throughput.py " + " ".join(sys.argv[1:]),
-        "rows": rows,
-        "table": table,
-    }
-    (RESULTS / "merge_throughput.json").write_text(json.dumps(out, indent=2) + "\n")
+    save_result("merge_throughput", table, rows)
     return 0
 
 

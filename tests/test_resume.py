@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -77,20 +76,30 @@ def reference_run(tmp_path_factory) -> dict:
     return comparable(tmp / "runs" / "reference")
 
 
-def test_sigkill_then_resume_equals_uninterrupted(tmp_path: Path, reference_run: dict):
-    spec = write_spec(tmp_path / "spec.yaml", digits_spec(tmp_path, "killed"))
-    run = tmp_path / "runs" / "killed"
+def interrupted_run(tmp_path: Path, name: str, lines: int, sig: signal.Signals) -> tuple[Path, subprocess.Popen]:
+    """Start a run in a subprocess and send it `sig` once its journal holds `lines` results."""
+    spec = write_spec(tmp_path / "spec.yaml", digits_spec(tmp_path, name))
+    run = tmp_path / "runs" / name
     proc = evomerge("run", str(spec), "--quiet")
-    wait_for_lines(run / "journal.jsonl", 2500, proc)
-    proc.send_signal(signal.SIGKILL)
+    wait_for_lines(run / "journal.jsonl", lines, proc)
+    proc.send_signal(sig)
+    return run, proc
+
+
+def resume_to_end(run: Path) -> None:
+    resumed = evomerge("resume", str(run), "--quiet")
+    _, err = resumed.communicate(timeout=240)
+    assert resumed.returncode == 0, err
+
+
+def test_sigkill_then_resume_equals_uninterrupted(tmp_path: Path, reference_run: dict):
+    run, proc = interrupted_run(tmp_path, "killed", 2500, signal.SIGKILL)
     proc.wait()
     journaled, _ = read_journal(run / "journal.jsonl")
     assert len(journaled) >= 2500
     assert json.loads((run / "run.json").read_text())["status"] == "running"
 
-    resumed = evomerge("resume", str(run), "--quiet")
-    out, err = resumed.communicate(timeout=240)
-    assert resumed.returncode == 0, err
+    resume_to_end(run)
     after = comparable(run)
     # nothing journaled before the kill was lost or changed
     assert after["journal"][: len(journaled)] == [
@@ -100,27 +109,17 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path: Path, reference_run:
 
 
 def test_torn_journal_line_is_dropped_and_redone(tmp_path: Path, reference_run: dict):
-    spec = write_spec(tmp_path / "spec.yaml", digits_spec(tmp_path, "torn"))
-    run = tmp_path / "runs" / "torn"
-    proc = evomerge("run", str(spec), "--quiet")
-    wait_for_lines(run / "journal.jsonl", 1500, proc)
-    proc.send_signal(signal.SIGKILL)
+    run, proc = interrupted_run(tmp_path, "torn", 1500, signal.SIGKILL)
     proc.wait()
     with open(run / "journal.jsonl", "ab") as f:
         f.write(b'{"crc32":"00000000","entry":{"id":99')  # what a crash mid-write leaves
-    resumed = evomerge("resume", str(run), "--quiet")
-    _, err = resumed.communicate(timeout=240)
-    assert resumed.returncode == 0, err
+    resume_to_end(run)
     assert_same(comparable(run), reference_run)
 
 
 def test_sigint_stops_cleanly_and_resumes(tmp_path: Path, reference_run: dict):
-    spec = write_spec(tmp_path / "spec.yaml", digits_spec(tmp_path, "interrupted"))
-    run = tmp_path / "runs" / "interrupted"
-    proc = evomerge("run", str(spec), "--quiet")
-    wait_for_lines(run / "journal.jsonl", 2000, proc)
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=60)
+    run, proc = interrupted_run(tmp_path, "interrupted", 2000, signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
     info = json.loads((run / "run.json").read_text())
     summary = json.loads((run / "summary.json").read_text())
@@ -129,16 +128,13 @@ def test_sigint_stops_cleanly_and_resumes(tmp_path: Path, reference_run: dict):
     state = load_state(run / "snapshot.safetensors")
     assert state["driver"]["evaluated"] == summary["evaluations"]  # the stop wrote a final snapshot
 
-    resumed = evomerge("resume", str(run), "--quiet")
-    _, err = resumed.communicate(timeout=240)
-    assert resumed.returncode == 0, err
+    resume_to_end(run)
     assert_same(comparable(run), reference_run)
 
 
 def test_resume_extends_a_finished_run(tmp_path: Path):
     spec = write_spec(tmp_path / "spec.yaml", tiny_spec(tmp_path, budget=60))
-    env = {**os.environ}
-    assert subprocess.run([sys.executable, "-m", "evomerge", "run", str(spec), "--quiet"], env=env).returncode == 0
+    assert subprocess.run([sys.executable, "-m", "evomerge", "run", str(spec), "--quiet"]).returncode == 0
     run = tmp_path / "runs" / "tiny"
     done = subprocess.run([sys.executable, "-m", "evomerge", "resume", str(run)], capture_output=True, text=True)
     assert done.returncode == 2 and "already finished" in done.stderr
