@@ -642,7 +642,9 @@ def test_raising_or_nan_evaluator_fails_candidates_not_the_search(tmp_path, caps
     run = tmp_path / "runs" / "flaky-run"
     check_flaky_run(run, 100)
     assert yaml.safe_load((run / "spec.yaml").read_text())["evaluator"] == {
-        "name": "flaky:make", "raise_every": 7, "nan_every": 11
+        "name": "flaky:make",
+        "raise_every": 7,
+        "nan_every": 11,
     }
     # the result table reports the failures
     header, _, row = captured.out.splitlines()[:3]
@@ -658,7 +660,11 @@ def test_flaky_evaluator_in_subprocess_via_pythonpath(tmp_path):
     spec_path = write_spec(tmp_path / "flaky.yaml", spec)
     proc = subprocess.run(
         [sys.executable, "-m", "evomerge", "run", str(spec_path), "--output", str(tmp_path / "runs"), "--quiet"],
-        capture_output=True, text=True, env=subprocess_env(tmp_path, tmp_path / "mods"), timeout=120, cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=subprocess_env(tmp_path, tmp_path / "mods"),
+        timeout=120,
+        cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr
     check_flaky_run(tmp_path / "runs" / "flaky-sub", 60)

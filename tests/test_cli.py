@@ -24,7 +24,10 @@ SPECS = sorted((ROOT / "search_spaces").glob("*.yaml"))
 PNG = b"\x89PNG\r\n\x1a\n"
 # digits: 64 features, 10 classes; every shipped spec uses hidden [256]
 DIGITS_SHAPES = {
-    "layers.0.weight": (64, 256), "layers.0.bias": (256,), "layers.1.weight": (256, 10), "layers.1.bias": (10,)
+    "layers.0.weight": (64, 256),
+    "layers.0.bias": (256,),
+    "layers.1.weight": (256, 10),
+    "layers.1.bias": (10,),
 }
 
 
@@ -161,7 +164,8 @@ def test_run_each_shipped_spec(spec_path, tmp_path, capsys):
     assert resolved["models"]["init"] == spec["models"]["init"]
     if spec["strategy"]["name"] == "grid":  # a 10,000-point sweep, cut at the budget
         assert json.loads((run / "summary.json").read_text())["final_stats"] == {
-            "points_done": 40, "points_total": spec["strategy"]["points"]
+            "points_done": 40,
+            "points_total": spec["strategy"]["points"],
         }
 
 
@@ -179,7 +183,11 @@ def test_full_run_in_subprocess(tmp_path):
     env = dict(os.environ, EVOMERGE_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
     proc = subprocess.run(
         [sys.executable, "-m", "evomerge", "run", str(spec), "--quiet", "--output", str(tmp_path / "runs")],
-        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr.strip() == "run sub-run: m2n2 on classification, budget 60 evaluations, seed 0"
@@ -313,7 +321,8 @@ def test_ls_lists_runs_with_status(two_runs, capsys):
     out, _ = run_cli(capsys, ["ls", str(root)])
     rows = parse_table(out)
     assert [(r["run"], r["status"], r["strategy"]) for r in rows] == [
-        ("alpha-m2n2", "finished", "m2n2"), ("beta-ga", "finished", "ga")
+        ("alpha-m2n2", "finished", "m2n2"),
+        ("beta-ga", "finished", "ga"),
     ]
 
 

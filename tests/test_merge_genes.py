@@ -46,8 +46,22 @@ def test_operator_is_a_categorical_gene():
 
 
 def test_scalar_knob_cannot_be_per_model():
-    with pytest.raises(SpecError, match=r"space\.genes\.density\.per.*allowed: 'global', 'block'"):
-        parse(MergeGenesOptions, {"methods": ["ties"], "genes": {"density": {"per": "model"}}}, "space")
+    with pytest.raises(SpecError, match=r"space\.genes\.scale\.per.*allowed: 'global', 'block'"):
+        parse(MergeGenesOptions, {"methods": ["ties"], "genes": {"scale": {"per": "model"}}}, "space")
+
+
+def test_density_per_model_and_block_reaches_each_task():
+    s = space(methods=["ties"], genes={"density": {"low": 0.1, "high": 0.9, "per": "model_block"}})
+    genome = np.array([0.0, 1.0, 0.5, 0.25], dtype=np.float32)
+    assert s.knobs(genome, block=0)["density"] == pytest.approx([0.1, 0.5])
+    assert s.knobs(genome, block=1)["density"] == pytest.approx([0.9, 0.3])
+    out = s.decode(genome)
+    base, a, b = (LAYOUT.views(x) for x in SEEDS)
+    name = "layers.1.weight"
+    expected = merge_state_dicts(
+        {"name": "ties", "density": [0.9, 0.3]}, {name: base[name]}, [{name: a[name]}, {name: b[name]}]
+    )
+    torch.testing.assert_close(out[name], expected[name])
 
 
 def test_unknown_knob_names_the_method_options():
@@ -77,3 +91,11 @@ def test_search_over_merge_genes_end_to_end(tmp_path):
     summary = json.loads((tmp_path / "runs" / "genes" / "summary.json").read_text())
     assert summary["status"] == "finished" and summary["failures"] == 0
     assert summary["best_train"] > 0.5
+
+
+def test_per_task_list_must_match_the_models():
+    from evomerge.errors import EvomergeError
+
+    base, a, b = (LAYOUT.views(x) for x in SEEDS)
+    with pytest.raises(EvomergeError, match="3 density values for 2 models"):
+        merge_state_dicts({"name": "ties", "density": [0.2, 0.3, 0.4]}, base, [a, b])

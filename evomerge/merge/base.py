@@ -57,7 +57,10 @@ class CheckedOptions:
     def check(self, path: str) -> None:
         for f in dataclasses.fields(self):  # type: ignore[arg-type]
             value = getattr(self, f.name)
-            if f.name in RANGES:
+            if f.name in RANGES and isinstance(value, list):
+                for i, item in enumerate(value):
+                    check_interval(item, f"{field_path(path, f.name)}[{i}]", RANGES[f.name])
+            elif f.name in RANGES:
                 check_interval(value, field_path(path, f.name), RANGES[f.name])
         for i, w in enumerate(getattr(self, "weights", None) or []):
             require(math.isfinite(w), f"{field_path(path, 'weights')}[{i}]", f"got {w}, must be a finite number")

@@ -64,7 +64,7 @@ def magnitude_threshold(magnitudes: Tensor, density: float) -> float:
     return float(torch.kthvalue(flat, rank + 1).values)
 
 
-def global_magnitude_thresholds(task_vectors: Iterable[Sequence[Tensor]], density: float) -> list[float]:
+def global_magnitude_thresholds(task_vectors: Iterable[Sequence[Tensor]], density: float | list[float]) -> list[float]:
     """Per-task thresholds over the whole model, exact: collects every |τ_i| (fine for in-memory merges).
 
     `task_vectors` yields, per tensor name, one task-vector tensor per task.
@@ -74,7 +74,7 @@ def global_magnitude_thresholds(task_vectors: Iterable[Sequence[Tensor]], densit
         collected = collected or [[] for _ in taus]
         for bucket, tau in zip(collected, taus):
             bucket.append(tau.detach().abs().reshape(-1).to(torch.float32))
-    return [magnitude_threshold(torch.cat(bucket), density) for bucket in collected]
+    return [magnitude_threshold(torch.cat(bucket), for_task(density, k)) for k, bucket in enumerate(collected)]
 
 
 def sparsify_magnitude(tau: Tensor, density: float, threshold: float | None = None) -> Tensor:
@@ -138,6 +138,19 @@ def aggregate(taus: Tensor, mode: Aggregate, signs: Tensor | None = None) -> Ten
     return taus.sum(dim=0) / agree.sum(dim=0).clamp(min=1)
 
 
+def per_task_values(value: float | list[float]) -> list[float]:
+    return list(value) if isinstance(value, list) else [value]
+
+
+def for_task(value: float | list[float], task: int) -> float:
+    """A knob's value for task `task`: the one value, or the task's entry of a per-task list."""
+    if not isinstance(value, list):
+        return value
+    if task >= len(value):
+        raise EvomergeError(f"a per-task list has {len(value)} values but task {task} was merged")
+    return value[task]
+
+
 def depth_scale(alpha: float, beta: float, layer: int | None, num_layers: int | None, name: str = "") -> float:
     """LiNeS: λ(l) = α + β · l/(L − 1); tensors outside the layer stack (embeddings, heads) get α."""
     if layer is None or beta == 0:
@@ -158,8 +171,8 @@ class Pipeline(CheckedOptions):
     """
 
     sparsify: Sparsify = "none"
-    density: float = 0.2
-    drop_rate: float = 0.9
+    density: float | list[float] = 0.2  # one value, or one per task
+    drop_rate: float | list[float] = 0.9
     gamma: float = 0.01
     seed: int = 0
     scope: Scope = "tensor"
@@ -177,7 +190,7 @@ class Pipeline(CheckedOptions):
         """Rules between fields, shared by the presets (whose fields carry the same names)."""
         if self.sparsify == "outliers":
             require(
-                self.density + self.gamma <= 1,
+                max(per_task_values(self.density)) + self.gamma <= 1,
                 field_path(path, "density"),
                 f"got {self.density} with gamma {self.gamma}; density + gamma must be <= 1",
             )
@@ -189,12 +202,13 @@ class Pipeline(CheckedOptions):
             )
 
     def sparsified(self, task: int, name: str, tau: Tensor, context: MergeContext, method: str) -> Tensor:
+        density, drop_rate = for_task(self.density, task), for_task(self.drop_rate, task)
         if self.sparsify == "magnitude":
-            return sparsify_magnitude(tau, self.density, self._threshold(task, name, context, method))
+            return sparsify_magnitude(tau, density, self._threshold(task, name, context, method))
         if self.sparsify == "random":
-            return sparsify_random(tau, self.drop_rate, dare_mask(tau.shape, self.drop_rate, self.seed, task, name))
+            return sparsify_random(tau, drop_rate, dare_mask(tau.shape, drop_rate, self.seed, task, name))
         if self.sparsify == "outliers":
-            return sparsify_outliers(tau, self.density, self.gamma)
+            return sparsify_outliers(tau, density, self.gamma)
         return tau
 
     def _threshold(self, task: int, name: str, context: MergeContext, method: str) -> float | None:
@@ -208,6 +222,10 @@ class Pipeline(CheckedOptions):
         return context.model_stats[task]
 
     def merge(self, method: str, name: str, base: Tensor, tensors: list[Tensor], context: MergeContext) -> Tensor:
+        for knob in ("density", "drop_rate"):
+            value = getattr(self, knob)
+            if isinstance(value, list) and len(value) != len(tensors):
+                raise EvomergeError(f"method {method!r}: got {len(value)} {knob} values for {len(tensors)} models")
         lam = depth_scale(self.scale, self.beta, context.layer, context.num_layers, name)
         if self.sparsify == "none" and self.consensus == "none" and self.aggregate in ("sum", "mean"):
             # no per-entry stage: θ0 + λ Σ c_i (θ_i − θ0) is one weighted sum, with no task vector built
@@ -303,7 +321,7 @@ class TaskArithmeticOptions(_ScaledPreset):
 class TiesOptions(_ScaledPreset):
     """`aggregate: mean` is TIES's disjoint mean over the entries that agree with the elected sign."""
 
-    density: float = 0.2
+    density: float | list[float] = 0.2
     scope: Scope = "tensor"
     aggregate: Literal["mean", "sum"] = "mean"
 
@@ -316,7 +334,7 @@ class TiesOptions(_ScaledPreset):
 class DareOptions(_ScaledPreset):
     """`consensus: elect` gives DARE-TIES; the mask is fixed by (seed, task index, tensor name)."""
 
-    drop_rate: float = 0.9
+    drop_rate: float | list[float] = 0.9
     seed: int = 0
     consensus: Consensus = "none"
     aggregate: Aggregate = "sum"
@@ -327,7 +345,7 @@ class DareOptions(_ScaledPreset):
 class BreadcrumbsOptions(_ScaledPreset):
     """Keeps the `density` band of |τ| below the top `gamma` outliers (density + gamma <= 1)."""
 
-    density: float = 0.9
+    density: float | list[float] = 0.9
     gamma: float = 0.01
 
 

@@ -23,7 +23,7 @@ from evomerge.weights import Layout
 from evomerge.weights.blocks import BlockMap
 
 Per = Literal["global", "model", "block", "model_block"]
-PER_MODEL_KNOBS = ("weights",)  # knobs that hold one value per model
+PER_MODEL_KNOBS = ("weights", "density", "drop_rate")  # knobs that may hold one value per model
 
 
 @dataclass
@@ -116,7 +116,7 @@ class MergeGenesSpace:
                 value = [float(v) for v in mapped]
             else:
                 value = [float(v) for v in mapped.reshape(n_models, n_blocks)[:, block]]
-            if knob in PER_MODEL_KNOBS and not isinstance(value, list):
+            if knob == "weights" and not isinstance(value, list):
                 value = [value] * n_models
             values[knob] = value
         return values
