@@ -99,3 +99,26 @@ def test_per_task_list_must_match_the_models():
     base, a, b = (LAYOUT.views(x) for x in SEEDS)
     with pytest.raises(EvomergeError, match="3 density values for 2 models"):
         merge_state_dicts({"name": "ties", "density": [0.2, 0.3, 0.4]}, base, [a, b])
+
+
+def test_exported_merge_plan_reapplies_the_found_merge(tmp_path):
+    """export writes merge_plan.yaml; `evomerge merge` of it rebuilds the exported model exactly."""
+    from safetensors.torch import load_file
+
+    spec = tiny_spec(tmp_path, name="genes-export", budget=24)
+    spec["models"] = {"init": "specialists", "specialists": [[0], [1, 2]], "shared_init": True, "train_steps": 5}
+    spec["space"] = {
+        "name": "merge",
+        "methods": ["task_arithmetic", "ties"],
+        "genes": {"weights": {"low": 0, "high": 1.5, "per": "model_block"}, "scale": {"per": "block"}},
+    }
+    spec["strategy"] = {"name": "cma_es", "population": 6, "sigma0": 0.3}
+    assert main(["run", str(write_spec(tmp_path / "s.yaml", spec)), "--quiet"]) == 0
+    run = tmp_path / "runs" / "genes-export"
+    assert main(["export", str(run)]) == 0
+    exported = run / "export" / "best"
+    assert main(["merge", str(exported / "merge_plan.yaml"), "--out", str(tmp_path / "again")]) == 0
+    a, b = load_file(str(exported / "model.safetensors")), load_file(str(tmp_path / "again" / "model.safetensors"))
+    assert sorted(a) == sorted(b)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -21,6 +21,7 @@ from evomerge.merge.base import MERGE_METHODS
 from evomerge.merge.streaming import merge_checkpoints
 from evomerge.registry import Component
 from evomerge.schema import parse, require
+from evomerge.weights.blocks import BlockMap
 from evomerge.weights.checkpoint import Checkpoint
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)B?\s*$", re.IGNORECASE)
@@ -40,6 +41,9 @@ class _RawPlan:
     base: str | None = None
     allow_pickle: bool = False
     max_shard_size: str = "5GB"
+    blocks: dict[str, dict[str, Any]] = field(default_factory=dict)
+    block_by: Literal["layer", "tensor"] = "layer"
+    regex: str | None = None
 
     def check(self, path: str) -> None:
         require(len(self.models) >= 1, "models", "needs at least one model path")
@@ -52,6 +56,9 @@ class MergePlan:
     base: Path | None = None
     allow_pickle: bool = False
     max_shard_bytes: int = 5 * 2**30
+    block_methods: dict[str, Component] = field(default_factory=dict)
+    block_by: str = "layer"
+    regex: str | None = None
     source: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -61,8 +68,16 @@ class MergePlan:
             raise SpecError("", f"merge plan {str(path)!r} does not exist")
         data = yaml.safe_load(path.read_text())
         raw = parse(_RawPlan, data)
+        method = MERGE_METHODS.resolve(raw.method, "method")
+        block_methods = {
+            block: MERGE_METHODS.resolve({**method.to_plain(), **override}, f"blocks.{block}")
+            for block, override in raw.blocks.items()
+        }
         return cls(
-            method=MERGE_METHODS.resolve(raw.method, "method"),
+            method=method,
+            block_methods=block_methods,
+            block_by=raw.block_by,
+            regex=raw.regex,
             models=[Path(m) for m in raw.models],
             base=None if raw.base is None else Path(raw.base),
             allow_pickle=raw.allow_pickle,
@@ -74,6 +89,8 @@ class MergePlan:
         models = [Checkpoint.open(p, self.allow_pickle) for p in self.models]
         base = None if self.base is None else Checkpoint.open(self.base, self.allow_pickle)
         plan_text = yaml.safe_dump(self.source, sort_keys=False)
+        names = (base or models[0]).names()
+        blocks = BlockMap.by_layer(names, self.regex) if self.block_by == "layer" else BlockMap.per_tensor(names)
         return merge_checkpoints(
             self.method,
             models,
@@ -82,4 +99,6 @@ class MergePlan:
             max_shard_bytes=self.max_shard_bytes,
             metadata={"evomerge_method": self.method.name},
             extra_files={"merge_plan.yaml": plan_text},
+            block_methods=self.block_methods,
+            blocks=blocks,
         )

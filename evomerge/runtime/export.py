@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 
 from evomerge.errors import EvomergeError
 from evomerge.runtime.driver import build_parts
@@ -58,6 +59,9 @@ def export_individual(run_path: str | Path, individual: int | None, out: str | P
         recipe["genome"] = [float(v) for v in genome]
     if hasattr(space, "ranges"):
         recipe["blocks"] = [list(r) for r in space.ranges]
+    extra = {"recipe.json": json.dumps(recipe, indent=2) + "\n"}
+    if hasattr(space, "to_plan"):  # re-apply with `evomerge merge merge_plan.yaml` (e.g. to full-precision models)
+        extra["merge_plan.yaml"] = yaml.safe_dump(space.to_plan(genome, recipe["seeds"]), sort_keys=False)
     tensors = space.decode(genome)
     out = Path(out) if out is not None else run.path / "export" / label
     entries = [(n, tuple(t.shape), t.dtype) for n, t in tensors.items()]
@@ -65,6 +69,6 @@ def export_individual(run_path: str | Path, individual: int | None, out: str | P
         out,
         entries,
         tensors.items(),
-        extra_files={"recipe.json": json.dumps(recipe, indent=2) + "\n"},
+        extra_files=extra,
         metadata={"evomerge_run": run.path.name},
     )

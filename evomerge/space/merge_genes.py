@@ -125,6 +125,22 @@ class MergeGenesSpace:
         method = self.method_of(genome)
         return MERGE_METHODS.resolve({"name": method, **self.knobs(genome, block)}, "space")
 
+    def to_plan(self, genome: np.ndarray, seed_paths: list[str]) -> dict[str, Any]:
+        """A merge plan (`evomerge merge`) that applies this genome's merge to the seed checkpoints."""
+        base_index = self.options.base
+        per_block = {block: self.knobs(genome, i) for i, block in enumerate(self.blockmap.blocks)}
+        plan: dict[str, Any] = {
+            "method": {"name": self.method_of(genome), **per_block[self.blockmap.blocks[0]]},
+            "models": [p for i, p in enumerate(seed_paths) if i != base_index],
+            "blocks": per_block,
+            "block_by": self.options.blocks,
+        }
+        if base_index is not None:
+            plan["base"] = seed_paths[base_index]
+        if self.options.regex:
+            plan["regex"] = self.options.regex
+        return plan
+
     def decode(self, genome: np.ndarray) -> dict[str, torch.Tensor]:
         out = {}
         blocks = self.blockmap
