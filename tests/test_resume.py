@@ -98,6 +98,8 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path: Path, reference_run:
     journaled, _ = read_journal(run / "journal.jsonl")
     assert len(journaled) >= 2500
     assert json.loads((run / "run.json").read_text())["status"] == "running"
+    listing = subprocess.run([sys.executable, "-m", "evomerge", "ls", str(run.parent)], capture_output=True, text=True)
+    assert "stopped (resume it)" in listing.stdout and f"{len(journaled):,}/{BUDGET:,}" in listing.stdout
 
     resume_to_end(run)
     after = comparable(run)

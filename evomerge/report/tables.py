@@ -26,17 +26,30 @@ def _fmt(value: Any, digits: int = 4) -> str:
     return str(value)
 
 
+def _journal_lines(path: Path) -> int:
+    if not path.exists():
+        return 0
+    with open(path, "rb") as f:
+        return sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
+
+
 def run_rows(runs: list[RunDir]) -> list[dict[str, str]]:
     rows = []
     for run in runs:
         info = run.info()
         summary = run.summary() or {}
+        status = info.get("status", "?")
+        evaluations = summary.get("evaluations", 0)
+        if status == "running":
+            evaluations = _journal_lines(run.journal_path)  # live progress of a running (or dead) driver
+            if not run.lock().held_elsewhere():
+                status = "stopped (resume it)"  # its driver died without a clean stop
         rows.append(
             {
                 "run": run.path.name,
-                "status": info.get("status", "?"),
+                "status": status,
                 "strategy": summary.get("strategy") or run.load_spec().strategy.name,
-                "evals": f"{_fmt(summary.get('evaluations', info.get('evaluations', 0)))}/{_fmt(info.get('budget'))}",
+                "evals": f"{_fmt(evaluations)}/{_fmt(info.get('budget'))}",
                 "best train": _fmt(summary.get("best_train")),
                 "test acc": _fmt((summary.get("test") or {}).get("accuracy")),
                 "failed": _fmt(summary.get("failures")),

@@ -29,6 +29,19 @@ class RunLock:
         os.write(fd, str(os.getpid()).encode())
         self._fd = fd
 
+    def held_elsewhere(self) -> bool:
+        """True while another process holds the lock (a live driver)."""
+        if not self.path.exists():
+            return False
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+        return False
+
     def release(self) -> None:
         if self._fd is not None:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
