@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from evomerge.cli import main
@@ -56,3 +57,26 @@ def test_export_by_id_and_unknown_id(recipe_run: Path, capsys, tmp_path: Path):
     assert "not in the archive" in capsys.readouterr().err
     assert main(["export", str(recipe_run), "--id", str(member), "--out", str(tmp_path / "m")]) == 2
     assert "already exists" in capsys.readouterr().err
+
+
+def test_recipe_with_tensor_blocks_exports_a_reapplicable_plan(tmp_path: Path):
+    from safetensors.torch import load_file
+
+    spec = tiny_spec(tmp_path, name="recipe-tensor", budget=40)
+    spec["models"] = {"init": "specialists", "specialists": [[0], [1, 2]], "train_steps": 5}
+    spec["space"] = {"name": "recipe", "blocks": "tensor"}
+    spec["strategy"] = {"name": "m2n2", "population": 6, "mutation_std": 0.0}
+    assert main(["run", str(write_spec(tmp_path / "spec.yaml", spec)), "--quiet"]) == 0
+    run = tmp_path / "runs" / "recipe-tensor"
+    assert main(["export", str(run)]) == 0
+    exported = run / "export" / "best"
+    assert main(["merge", str(exported / "merge_plan.yaml"), "--out", str(tmp_path / "again")]) == 0
+    a, b = load_file(str(exported / "model.safetensors")), load_file(str(tmp_path / "again" / "model.safetensors"))
+    assert sorted(a) == sorted(b)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-6, atol=1e-6)
+
+
+def test_chunk_recipes_have_no_plan(recipe_run: Path, tmp_path: Path):
+    assert main(["export", str(recipe_run), "--out", str(tmp_path / "e")]) == 0
+    assert (tmp_path / "e" / "recipe.json").exists() and not (tmp_path / "e" / "merge_plan.yaml").exists()

@@ -60,8 +60,9 @@ def export_individual(run_path: str | Path, individual: int | None, out: str | P
     if hasattr(space, "ranges"):
         recipe["blocks"] = [list(r) for r in space.ranges]
     extra = {"recipe.json": json.dumps(recipe, indent=2) + "\n"}
-    if hasattr(space, "to_plan"):  # re-apply with `evomerge merge merge_plan.yaml` (e.g. to full-precision models)
-        extra["merge_plan.yaml"] = yaml.safe_dump(space.to_plan(genome, recipe["seeds"]), sort_keys=False)
+    plan = space.to_plan(genome, recipe["seeds"]) if hasattr(space, "to_plan") else None
+    if plan is not None:  # re-apply with `evomerge merge merge_plan.yaml` (e.g. to full-precision models)
+        extra["merge_plan.yaml"] = yaml.safe_dump(plan, sort_keys=False)
     tensors = space.decode(genome)
     out = Path(out) if out is not None else run.path / "export" / label
     entries = [(n, tuple(t.shape), t.dtype) for n, t in tensors.items()]

@@ -10,7 +10,7 @@ block). So an archive of merged models costs B × K numbers per individual, what
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -33,32 +33,39 @@ class RecipeOptions:
         require(self.chunks >= 1, f"{path}.chunks", f"got {self.chunks}, must be >= 1")
 
 
-def block_ranges(layout: Layout, options: RecipeOptions) -> list[tuple[int, int]]:
-    """Contiguous [start, end) ranges of the flat vector, one per block, covering it in order."""
+def named_blocks(layout: Layout, options: RecipeOptions) -> list[tuple[str, int, int]]:
+    """(block name, start, end) of contiguous ranges of the flat vector, covering it in order."""
     if options.blocks == "chunks":
         edges = np.linspace(0, layout.size, min(options.chunks, layout.size) + 1).round().astype(int)
-        return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:]) if b > a]
-    offsets = dict(zip(layout.names, layout.offsets()))
+        return [(f"chunk.{k}", int(a), int(b)) for k, (a, b) in enumerate(zip(edges[:-1], edges[1:])) if b > a]
     names = list(layout.names)
-    if options.blocks == "tensor":
-        return [offsets[n] for n in names]
-    blocks = BlockMap.by_layer(names, options.regex)
-    ranges: list[tuple[int, int]] = []
-    owners: list[str] = []
-    for name in names:
-        start, end = offsets[name]
-        block = blocks.tensor_blocks[name]
-        if owners and owners[-1] == block:
-            ranges[-1] = (ranges[-1][0], end)
+    owner = (
+        BlockMap.by_layer(names, options.regex).tensor_blocks if options.blocks == "layer" else {n: n for n in names}
+    )
+    out: list[tuple[str, int, int]] = []
+    for name, (start, end) in zip(names, layout.offsets()):
+        if out and out[-1][0] == owner[name]:
+            out[-1] = (owner[name], out[-1][1], end)
         else:
-            ranges.append((start, end))
-            owners.append(block)
-    return ranges
+            out.append((owner[name], start, end))
+    return out
+
+
+def block_ranges(layout: Layout, options: RecipeOptions) -> list[tuple[int, int]]:
+    return [(a, b) for _, a, b in named_blocks(layout, options)]
 
 
 class RecipeSpace:
-    def __init__(self, layout: Layout, seeds: list[np.ndarray], ranges: list[tuple[int, int]]):
+    def __init__(
+        self,
+        layout: Layout,
+        seeds: list[np.ndarray],
+        ranges: list[tuple[int, int]],
+        block_names: list[str] | None = None,
+        block_by: str | None = None,
+    ):
         self.layout = layout
+        self.block_names, self.block_by = block_names, block_by
         self.seeds = np.stack(seeds).astype(np.float32)
         self.ranges = ranges
         self.n_blocks, self.n_seeds = len(ranges), len(seeds)
@@ -105,6 +112,23 @@ class RecipeSpace:
         child[cut:] = a2 * cx[cut:] + b2 * cy[cut:]
         return child.ravel().astype(np.float32)
 
+    def to_plan(self, genome: np.ndarray, seed_paths: list[str]) -> dict[str, Any] | None:
+        """The recipe as a merge plan: per block, a `linear` merge with the block's coefficients.
+
+        Only for blocks made of whole tensors (`tensor` or `layer`); chunks cut through tensors.
+        """
+        if self.block_by is None or self.block_names is None:
+            return None
+        coefficients = self.coefficients(genome)
+        per_block = {name: {"weights": [float(c) for c in row]} for name, row in zip(self.block_names, coefficients)}
+        first = self.block_names[0]
+        return {
+            "method": {"name": "linear", **per_block[first]},
+            "models": list(seed_paths),
+            "blocks": per_block,
+            "block_by": self.block_by,
+        }
+
     def mutate(self, genome: np.ndarray, std: float, generator: torch.Generator) -> np.ndarray:
         """Noise on the coefficients (weights themselves cannot be mutated and stay a recipe)."""
         noise = torch.randn(genome.shape[0], generator=generator).numpy() * std
@@ -119,4 +143,7 @@ def build_recipe_space(options: RecipeOptions, layout: Layout, seeds: list[np.nd
         raise SpecError(
             "space.name", f"'recipe' merges seed models and needs at least 2, models.init gives {len(seeds)}"
         )
-    return RecipeSpace(layout, seeds, block_ranges(layout, options))
+    blocks = named_blocks(layout, options)
+    names = None if options.blocks == "chunks" else [name for name, _, _ in blocks]
+    by = None if options.blocks == "chunks" else options.blocks
+    return RecipeSpace(layout, seeds, [(a, b) for _, a, b in blocks], names, by)
