@@ -69,10 +69,3 @@ def format_table(rows: list[dict[str, str]]) -> str:
     lines = ["  ".join(k.ljust(widths[k]) for k in keys), "  ".join("-" * widths[k] for k in keys)]
     lines += ["  ".join(r[k].ljust(widths[k]) for k in keys) for r in rows]
     return "\n".join(lines)
-
-
-def write_markdown(rows: list[dict[str, str]], path: Path) -> None:
-    keys = list(rows[0]) if rows else []
-    text = "| " + " | ".join(keys) + " |\n|" + "---|" * len(keys) + "\n"
-    text += "".join("| " + " | ".join(r[k] for k in keys) + " |\n" for r in rows)
-    path.write_text(text)

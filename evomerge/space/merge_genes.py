@@ -80,7 +80,6 @@ class MergeGenesSpace:
         self.blockmap = (
             BlockMap.by_layer(names, options.regex) if options.blocks == "layer" else BlockMap.per_tensor(names)
         )
-        self.slots: list[tuple[str, str, int]] = []  # (knob, per, count) in genome order
         n_blocks, n_models = len(self.blockmap.blocks), len(self.models)
         counts = {"global": 1, "model": n_models, "block": n_blocks, "model_block": n_models * n_blocks}
         self.choose_method = len(options.methods) > 1

@@ -20,10 +20,6 @@ class Layout:
     names: tuple[str, ...]
     shapes: tuple[tuple[int, ...], ...]
 
-    @classmethod
-    def of(cls, tensors: dict[str, torch.Tensor]) -> Layout:
-        return cls(tuple(tensors), tuple(tuple(t.shape) for t in tensors.values()))
-
     @property
     def size(self) -> int:
         return sum(math.prod(s) for s in self.shapes)
