@@ -41,6 +41,27 @@ class ModelsSpec:
 
 
 @dataclass
+class ExecutorSpec:
+    """Where evaluations run: in the driver's process, or on a pool of Ray actors."""
+
+    name: Literal["inprocess", "ray"] = "inprocess"
+    address: str = "local"  # local (start Ray here) | auto (join the running cluster) | host:port
+    workers: int = 2
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    in_flight_per_worker: int = 2
+    deadline_s: float = 600.0
+    deterministic: bool = False  # apply results in submission order (reproducible, slower)
+
+    def check(self, path: str) -> None:
+        require(self.workers >= 1, f"{path}.workers", f"got {self.workers}, must be >= 1")
+        require(self.cpus_per_worker >= 0, f"{path}.cpus_per_worker", f"got {self.cpus_per_worker}, must be >= 0")
+        require(self.gpus_per_worker >= 0, f"{path}.gpus_per_worker", f"got {self.gpus_per_worker}, must be >= 0")
+        require(self.in_flight_per_worker >= 1, f"{path}.in_flight_per_worker", "must be >= 1")
+        require(self.deadline_s > 0, f"{path}.deadline_s", f"got {self.deadline_s}, must be > 0")
+
+
+@dataclass
 class RuntimeSpec:
     """How the driver loop behaves; none of it changes the search's result."""
 
@@ -48,6 +69,7 @@ class RuntimeSpec:
     log_every: int = 500
     threads: int = 0
     progress: bool = True
+    executor: ExecutorSpec = field(default_factory=ExecutorSpec)
 
     def check(self, path: str) -> None:
         require(self.snapshot_every >= 1, f"{path}.snapshot_every", f"got {self.snapshot_every}, must be >= 1")

@@ -36,6 +36,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--name", help="run name, i.e. the directory under the output root (overrides the spec's name)")
     run.add_argument("--output", help="root folder for run directories (default: the spec's output, 'runs')")
     run.add_argument("--quiet", action="store_true", help="no progress display")
+    _executor_flags(run)
 
     resume = sub.add_parser(
         "resume", help="continue an interrupted run", description="Continue RUN from its last snapshot and journal."
@@ -43,6 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     resume.add_argument("run", metavar="RUN", help="a run directory, e.g. runs/m2n2-digits-scratch")
     resume.add_argument("--budget", type=int, help="new total budget (to extend a finished run)")
     resume.add_argument("--quiet", action="store_true", help="no progress display")
+    _executor_flags(resume)
 
     report = sub.add_parser(
         "report",
@@ -87,11 +89,42 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _executor_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--ray",
+        metavar="ADDRESS",
+        help="evaluate on Ray actors: 'local' starts Ray here, 'auto' joins the running cluster, or host:port "
+        "(without it evaluation runs in this process and Ray is not imported)",
+    )
+    parser.add_argument("--workers", type=int, metavar="N", help="Ray evaluator workers (default: the spec's, 2)")
+    parser.add_argument("--deterministic", action="store_true", help="with --ray: apply results in submission order")
+
+
+def _executor_override(args: argparse.Namespace, current):
+    """The spec's executor with the command line's --ray/--workers/--deterministic applied (None: unchanged)."""
+    import dataclasses
+
+    from evomerge.schema import require
+
+    if args.ray is None and args.workers is None and not args.deterministic:
+        return None
+    changes = {"name": "ray"} if args.ray is not None else {}
+    if args.ray is not None:
+        changes["address"] = args.ray
+    if args.workers is not None:
+        require(args.workers >= 1, "--workers", f"got {args.workers}, must be >= 1")
+        changes["workers"] = args.workers
+    if args.deterministic:
+        changes["deterministic"] = True
+    return dataclasses.replace(current, **changes)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from evomerge.runtime import start_run
     from evomerge.spec import load_spec
 
     spec = load_spec(args.spec, {"budget": args.budget, "seed": args.seed, "name": args.name, "output": args.output})
+    spec.runtime.executor = _executor_override(args, spec.runtime.executor) or spec.runtime.executor
     print(
         f"run {spec.name}: {spec.strategy.name} on {spec.evaluator.name}, "
         f"budget {spec.budget:,} evaluations, seed {spec.seed}",
@@ -103,8 +136,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_resume(args: argparse.Namespace) -> int:
     from evomerge.runtime import resume_run
+    from evomerge.store import RunDir
 
-    run = resume_run(args.run, budget=args.budget, progress=not args.quiet)
+    executor = _executor_override(args, RunDir.open(args.run).load_spec().runtime.executor)
+    run = resume_run(args.run, budget=args.budget, progress=not args.quiet, executor=executor)
     return _print_result(run)
 
 

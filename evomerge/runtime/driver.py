@@ -17,7 +17,7 @@ from evomerge.runtime.manager import SearchManager
 from evomerge.search import STRATEGIES, Strategy
 from evomerge.seeds import build_seeds, load_seeds, save_seeds
 from evomerge.space import SPACES, Space
-from evomerge.spec import SearchSpec
+from evomerge.spec import ExecutorSpec, SearchSpec
 from evomerge.store import RunDir
 from evomerge.store.atomic import atomic_write_text
 from evomerge.weights.io import save_tensors
@@ -40,8 +40,24 @@ def build_manager(run: RunDir, spec: SearchSpec, budget: int, fresh_seeds: bool,
     if spec.runtime.threads:
         torch.set_num_threads(spec.runtime.threads)
     evaluator, space, strategy = build_parts(run, spec, fresh_seeds)
-    executor = InProcessExecutor(evaluator, space)
-    return SearchManager(run, spec, strategy, executor, space, budget, progress=progress)
+    chosen = spec.runtime.executor
+    if chosen.name == "ray":
+        from evomerge.runtime.ray_pool import RayExecutor, RayOptions
+
+        options = RayOptions(
+            address=chosen.address,
+            workers=chosen.workers,
+            cpus_per_worker=chosen.cpus_per_worker,
+            gpus_per_worker=chosen.gpus_per_worker,
+            in_flight_per_worker=chosen.in_flight_per_worker,
+            deadline_s=chosen.deadline_s,
+            threads_per_worker=spec.runtime.threads or 1,
+        )
+        executor = RayExecutor(spec.to_plain(), run.seeds_dir, options)
+        deterministic = chosen.deterministic
+    else:
+        executor, deterministic = InProcessExecutor(evaluator, space), True
+    return SearchManager(run, spec, strategy, executor, space, budget, progress, deterministic)
 
 
 def start_run(spec: SearchSpec, root: str | Path | None = None, progress: bool = True) -> RunDir:
@@ -63,10 +79,15 @@ def start_run(spec: SearchSpec, root: str | Path | None = None, progress: bool =
     return run
 
 
-def resume_run(path: str | Path, budget: int | None = None, progress: bool = True) -> RunDir:
+def resume_run(
+    path: str | Path, budget: int | None = None, progress: bool = True, executor: ExecutorSpec | None = None
+) -> RunDir:
+    """Continue a run; `executor` replaces the spec's (e.g. resume a laptop run on a cluster)."""
     run = RunDir.open(path)
     with run.lock():
         spec = run.check_spec_unchanged()
+        if executor is not None:
+            spec.runtime.executor = executor
         info = run.info()
         budget = budget if budget is not None else info["budget"]
         if budget <= 0:
@@ -86,14 +107,21 @@ def resume_run(path: str | Path, budget: int | None = None, progress: bool = Tru
 def _drive(run: RunDir, manager: SearchManager) -> None:
     try:
         status = manager.loop()
+        finish(run, manager, status)
     except BaseException as err:
         run.update_info(status="failed", error=f"{type(err).__name__}: {err}")
         raise
-    finish(run, manager, status)
+    finally:
+        manager.executor.close()
 
 
 def finish(run: RunDir, manager: SearchManager, status: str) -> dict[str, Any]:
     summary = manager.summary(status)
+    stats = getattr(manager.executor, "worker_stats", None)
+    if stats is not None:
+        summary["workers"] = stats()
+        for worker in summary["workers"]:
+            worker["busy_share"] = round(worker["busy_seconds"] / max(summary["wall_seconds"], 1e-9), 4)
     atomic_write_text(run.summary_path, json.dumps(summary, indent=2) + "\n")
     write_curve(run.curve_path, manager.state.curve)
     genome = manager.best_genome()

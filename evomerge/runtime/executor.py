@@ -44,6 +44,8 @@ class Executor(Protocol):
 
 def evaluate_candidate(evaluator: Evaluator, space: Space, candidate: Candidate, n_examples: int | None) -> Outcome:
     start = time.perf_counter()
+    if hasattr(evaluator, "candidate_id"):  # evaluators that want to know which candidate this is
+        evaluator.candidate_id = candidate.id
     try:
         result = as_result(evaluator.evaluate(space.decode(candidate.genome)), n_examples)
         return Outcome(candidate, result, None, time.perf_counter() - start)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import signal
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,6 +59,7 @@ class SearchManager:
         space: Space,
         budget: int,
         progress: bool = True,
+        deterministic: bool = True,
     ):
         self.run = run
         self.space = space
@@ -67,18 +69,27 @@ class SearchManager:
         self.budget = budget
         self.state = DriverState()
         self.replay: dict[int, dict[str, Any]] = {}
+        self.deterministic = deterministic
+        self._order: deque[int] = deque()  # launched, not yet applied, in launch order
+        self._launched: dict[int, Candidate] = {}
+        self._held: dict[int, tuple[Outcome, bool]] = {}  # results waiting to be applied (from journal?)
+        self._resubmit: list[Candidate] = []
         self._stop = False
         self._progress = Progress(budget, enabled=progress and spec.runtime.progress)
 
     # resume ---------------------------------------------------------------------------------
     def restore(self) -> None:
-        """Load the last snapshot and queue the journal's later results for replay."""
+        """Load the last snapshot; candidates in flight then are resubmitted, journaled results replayed."""
+        inflight_ids: set[int] = set()
         if self.run.snapshot_path.exists():
             snapshot = load_state(self.run.snapshot_path)
             self.strategy.load_state_dict(snapshot["strategy"])
             self.state = DriverState(**snapshot["driver"])
+            for c in snapshot.get("inflight", []):
+                self._resubmit.append(Candidate(int(c["id"]), np.asarray(c["genome"]), c["meta"]))
+                inflight_ids.add(int(c["id"]))
         entries, _ = read_journal(self.run.journal_path)
-        self.replay = {e["id"]: e for e in entries if e["id"] >= self.state.next_id}
+        self.replay = {e["id"]: e for e in entries if e["id"] >= self.state.next_id or e["id"] in inflight_ids}
 
     # loop -----------------------------------------------------------------------------------
     def loop(self) -> str:
@@ -91,20 +102,24 @@ class SearchManager:
         wall_before = self.state.wall_seconds
         status = "finished"
         try:
+            for candidate in sorted(self._resubmit, key=lambda c: c.id):
+                self._launch(candidate, check_meta=False)
+            self._resubmit.clear()
             while self.state.evaluated < self.budget:
                 if self._stop:
                     status = "interrupted"
                     break
-                replayed = self._fill()
-                if not replayed and self.executor.in_flight() == 0:
+                self._fill()
+                if not self._order:
                     if self.strategy.finished:
                         break
                     raise EvomergeError(
                         "the strategy has nothing to ask and nothing is being evaluated (did every initial model fail?)"
                     )
-                from_journal = bool(replayed)
-                outcomes = replayed if from_journal else self.executor.collect()
-                for outcome in outcomes:
+                if not self._ready_to_apply():
+                    for outcome in self.executor.collect():
+                        self._held[outcome.candidate.id] = (outcome, False)
+                for outcome, from_journal in self._take_ready():
                     self._apply(outcome, journal, from_journal)
                     self.state.wall_seconds = wall_before + time.perf_counter() - start
                     self._after_result()
@@ -124,27 +139,48 @@ class SearchManager:
             raise KeyboardInterrupt
         self._stop = True
 
-    def _fill(self) -> list[Outcome]:
-        """Ask until the executor is full; results already in the journal come back at once."""
-        replayed: list[Outcome] = []
-        while self.executor.in_flight() < self.executor.capacity and self.state.next_id < self.budget:
+    def _fill(self) -> None:
+        """Ask until `capacity` candidates are outstanding (or the budget is all asked)."""
+        while len(self._order) < self.executor.capacity and self.state.next_id < self.budget:
             proposal = self.strategy.ask()
             if proposal is None:
-                break
+                return
             candidate = Candidate(self.state.next_id, proposal.genome, proposal.meta)
             self.state.next_id += 1
-            entry = self.replay.pop(candidate.id, None)
-            if entry is None:
-                self.executor.submit(candidate)
-                continue
-            if entry.get("meta") != candidate.meta:
-                raise RunDirError(
-                    f"journal entry {candidate.id} was made by {entry.get('meta')}, but the resumed search asks "
-                    f"{candidate.meta}; the run cannot be continued deterministically"
-                )
-            replayed.append(Outcome(candidate, _entry_result(entry), entry.get("error"), entry.get("seconds", 0.0)))
-            break  # tell before asking again: steady-state strategies depend on it
-        return replayed
+            self._launch(candidate, check_meta=True)
+
+    def _launch(self, candidate: Candidate, check_meta: bool) -> None:
+        """Submit, or take the journal's result for it (a resumed run re-asks what it had evaluated)."""
+        self._order.append(candidate.id)
+        self._launched[candidate.id] = candidate
+        entry = self.replay.pop(candidate.id, None)
+        if entry is None:
+            self.executor.submit(candidate)
+            return
+        if check_meta and entry.get("meta") != candidate.meta:
+            raise RunDirError(
+                f"journal entry {candidate.id} was made by {entry.get('meta')}, but the resumed search asks "
+                f"{candidate.meta}; the run cannot be continued deterministically"
+            )
+        outcome = Outcome(candidate, _entry_result(entry), entry.get("error"), entry.get("seconds", 0.0))
+        self._held[candidate.id] = (outcome, True)
+
+    def _ready_to_apply(self) -> bool:
+        if self.deterministic:
+            return self._order[0] in self._held
+        return bool(self._held)
+
+    def _take_ready(self) -> list[tuple[Outcome, bool]]:
+        """Deterministic: only the oldest outstanding result, so asks and tells interleave the same way
+        however results arrive. Otherwise every result that has arrived, as it arrived."""
+        ids = [self._order[0]] if self.deterministic else [i for i in self._order if i in self._held]
+        ready = []
+        for cid in ids:
+            if cid in self._held:
+                ready.append(self._held.pop(cid))
+                self._order.remove(cid)
+                self._launched.pop(cid, None)
+        return ready
 
     def _apply(self, outcome: Outcome, journal: Journal, from_journal: bool) -> None:
         candidate, result = outcome.candidate, outcome.result
@@ -202,7 +238,10 @@ class SearchManager:
         self.state.curve.append(point)
 
     def snapshot(self) -> None:
-        save_state(self.run.snapshot_path, {"strategy": self.strategy.state_dict(), "driver": self.state.to_dict()})
+        """Strategy, driver counters, and the candidates in flight (resubmitted on resume)."""
+        inflight = [{"id": c.id, "genome": c.genome, "meta": c.meta} for c in self._launched.values()]
+        state = {"strategy": self.strategy.state_dict(), "driver": self.state.to_dict(), "inflight": inflight}
+        save_state(self.run.snapshot_path, state)
 
     # results --------------------------------------------------------------------------------
     def summary(self, status: str) -> dict[str, Any]:

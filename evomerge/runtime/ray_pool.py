@@ -1,0 +1,275 @@
+"""The Ray executor: long-lived evaluator actors fed small genomes, with our own pool over `ray.wait`.
+
+Each actor builds its evaluator once and loads the seed models from the run directory's files
+(never through object refs), so only genomes (kilobytes) cross the network per candidate. The
+driver owns retries: an evaluator exception is an ordinary failed outcome; a dead worker is
+replaced and its candidate resubmitted; a candidate that has killed two workers is poisoned; a
+candidate past its deadline is cancelled and resubmitted once, then failed.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from evomerge.errors import EvomergeError
+from evomerge.evaluate.base import EvalResult
+from evomerge.runtime.executor import Outcome
+from evomerge.search.base import Candidate
+
+MAX_KILLS = 2  # a candidate that kills this many workers is poisoned
+MAX_OVERRUNS = 2  # a candidate that overruns its deadline this many times fails
+
+
+class EvaluatorWorker:
+    """Runs inside a Ray actor: the evaluator and the space over the run's seed files, built once."""
+
+    def __init__(self, spec_plain: dict[str, Any], seeds_dir: str, threads: int):
+        import torch
+
+        from evomerge.evaluate import EVALUATORS
+        from evomerge.seeds import load_seeds
+        from evomerge.space import SPACES
+        from evomerge.spec import spec_from_dict
+
+        if threads:
+            torch.set_num_threads(threads)
+        spec = spec_from_dict(spec_plain)
+        if not Path(seeds_dir).is_dir():
+            raise EvomergeError(f"seed models folder {seeds_dir} is missing on this node")
+        self.evaluator = EVALUATORS.build(spec.evaluator)
+        layout = self.evaluator.layout()
+        self.space = SPACES.build(spec.space, layout=layout, seeds=load_seeds(Path(seeds_dir), layout))
+        self.n_examples = getattr(self.evaluator, "n_examples", None)
+
+    def node(self) -> str:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
+    def evaluate(self, candidate_id: int, genome: np.ndarray) -> tuple[dict[str, Any] | None, str | None, float]:
+        from evomerge.runtime.executor import evaluate_candidate
+
+        outcome = evaluate_candidate(self.evaluator, self.space, Candidate(candidate_id, genome, {}), self.n_examples)
+        if outcome.result is None:
+            return None, outcome.error, outcome.seconds
+        r = outcome.result
+        return {"objectives": r.objectives, "per_example": r.per_example, "info": r.info}, None, outcome.seconds
+
+    def test(self, genome: np.ndarray) -> dict[str, float]:
+        test = getattr(self.evaluator, "test", None)
+        return {} if test is None else {k: float(v) for k, v in test(self.space.decode(genome)).items()}
+
+
+@dataclass
+class WorkerSlot:
+    index: int
+    actor: Any
+    node: str = "?"
+    in_flight: int = 0
+    evaluations: int = 0
+    failures: int = 0
+    busy_seconds: float = 0.0
+    replaced: int = 0
+
+
+@dataclass
+class Pending:
+    candidate: Candidate
+    worker: WorkerSlot
+    submitted: float
+    kills: int = 0
+    overruns: int = 0
+
+
+@dataclass
+class RayOptions:
+    address: str = "local"
+    workers: int = 2
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    in_flight_per_worker: int = 2
+    deadline_s: float = 600.0
+    wait_s: float = 1.0
+    threads_per_worker: int = 1
+
+
+def connect(address: str, num_cpus: int | None = None) -> None:
+    """Start (`local`) or join (`auto`, an address) a Ray cluster, with errors that name the cause."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    try:
+        if address == "local":
+            ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+        else:
+            ray.init(address=address, log_to_driver=False)
+    except (ConnectionError, RuntimeError, ValueError) as err:
+        raise EvomergeError(f"cannot reach a Ray cluster at {address!r}: {err}") from err
+
+
+class RayExecutor:
+    def __init__(self, spec_plain: dict[str, Any], seeds_dir: Path, options: RayOptions):
+        import ray
+
+        self.options = options
+        connect(options.address, num_cpus=None)
+        available = ray.cluster_resources()
+        if options.gpus_per_worker and available.get("GPU", 0) < options.gpus_per_worker * options.workers:
+            raise EvomergeError(
+                f"executor asks for {options.gpus_per_worker * options.workers:g} GPUs, "
+                f"the Ray cluster has {available.get('GPU', 0):g}"
+            )
+        self._actor_class = ray.remote(
+            num_cpus=options.cpus_per_worker, num_gpus=options.gpus_per_worker, max_restarts=0
+        )(EvaluatorWorker)
+        self._args = (spec_plain, str(seeds_dir), options.threads_per_worker)
+        self.workers = [self._start(i) for i in range(options.workers)]
+        self.capacity = options.workers * options.in_flight_per_worker
+        self.pending: dict[Any, Pending] = {}
+        self.queue: deque[tuple[Candidate, int, int]] = deque()
+        self.ready: list[Outcome] = []
+
+    def _start(self, index: int) -> WorkerSlot:
+        import ray
+
+        actor = self._actor_class.remote(*self._args)
+        try:
+            node = ray.get(actor.node.remote(), timeout=120)
+        except ray.exceptions.RayActorError as err:
+            raise EvomergeError(f"evaluator worker {index} failed to start: {err}") from err
+        return WorkerSlot(index, actor, node)
+
+    def _replace(self, slot: WorkerSlot) -> None:
+        import ray
+
+        ray.kill(slot.actor, no_restart=True)
+        fresh = self._start(slot.index)
+        slot.actor, slot.node, slot.in_flight, slot.replaced = fresh.actor, fresh.node, 0, slot.replaced + 1
+
+    # Executor protocol ------------------------------------------------------------------------
+    def in_flight(self) -> int:
+        return len(self.pending) + len(self.queue) + len(self.ready)
+
+    def submit(self, candidate: Candidate, kills: int = 0, overruns: int = 0) -> None:
+        self.queue.append((candidate, kills, overruns))
+        self._dispatch()
+
+    def _dispatch(self) -> None:
+        while self.queue:
+            slot = min(self.workers, key=lambda w: w.in_flight)
+            if slot.in_flight >= self.options.in_flight_per_worker:
+                return
+            candidate, kills, overruns = self.queue.popleft()
+            ref = slot.actor.evaluate.remote(candidate.id, candidate.genome)
+            slot.in_flight += 1
+            self.pending[ref] = Pending(candidate, slot, time.monotonic(), kills, overruns)
+
+    def collect(self) -> list[Outcome]:
+        import ray
+
+        while not self.ready and self.pending:
+            done, _ = ray.wait(list(self.pending), num_returns=1, timeout=self.options.wait_s)
+            for ref in done:
+                self._finish(ref)
+            self._enforce_deadlines()
+            self._dispatch()
+        outcomes, self.ready = self.ready, []
+        return outcomes
+
+    def _finish(self, ref: Any) -> None:
+        import ray
+
+        entry = self.pending.pop(ref)
+        slot = entry.worker
+        slot.in_flight = max(0, slot.in_flight - 1)
+        try:
+            payload, error, seconds = ray.get(ref)
+        except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError) as err:
+            self._worker_died(entry, err)
+            return
+        except ray.exceptions.TaskCancelledError:
+            return  # a deadline overrun, already resubmitted
+        slot.evaluations += 1
+        slot.busy_seconds += seconds
+        if payload is None:
+            slot.failures += 1
+            self.ready.append(Outcome(entry.candidate, None, error, seconds))
+            return
+        result = EvalResult(payload["objectives"], payload["per_example"], payload["info"])
+        self.ready.append(Outcome(entry.candidate, result, None, seconds))
+
+    def _worker_died(self, entry: Pending, err: Exception) -> None:
+        """Requeue everything the dead worker held; blame only the task it was running.
+
+        An actor runs its tasks one at a time in submission order, so the culprit is the oldest.
+        """
+        slot = entry.worker
+        slot.failures += 1
+        orphans = [entry] + [p for r, p in list(self.pending.items()) if p.worker is slot]
+        for r in [r for r, p in self.pending.items() if p.worker is slot]:
+            self.pending.pop(r)
+        self._replace(slot)
+        culprit = min(orphans, key=lambda p: p.submitted)
+        for orphan in sorted(orphans, key=lambda p: p.submitted, reverse=True):
+            if orphan is not culprit:
+                self.queue.appendleft((orphan.candidate, orphan.kills, orphan.overruns))
+        kills = culprit.kills + 1
+        if kills >= MAX_KILLS:
+            message = f"poisoned: killed its evaluator worker {kills} times ({type(err).__name__})"
+            self.ready.append(Outcome(culprit.candidate, None, message, 0.0))
+        else:
+            self.queue.appendleft((culprit.candidate, kills, culprit.overruns))
+
+    def _enforce_deadlines(self) -> None:
+        now = time.monotonic()
+        for ref, entry in list(self.pending.items()):
+            if ref not in self.pending or now - entry.submitted <= self.options.deadline_s:
+                continue  # requeued with an earlier overdue task of its worker, or still in time
+            self.pending.pop(ref)
+            slot = entry.worker
+            others = [(r, p) for r, p in self.pending.items() if p.worker is slot]
+            for r, _ in others:
+                self.pending.pop(r)
+            self._replace(slot)  # a running actor task cannot be cancelled by force: the actor is replaced
+            overruns = entry.overruns + 1
+            if overruns >= MAX_OVERRUNS:
+                message = f"deadline: ran past {self.options.deadline_s:g} s {overruns} times"
+                self.ready.append(Outcome(entry.candidate, None, message, self.options.deadline_s))
+            else:
+                self.queue.append((entry.candidate, entry.kills, overruns))
+            for _, other in others:
+                self.queue.appendleft((other.candidate, other.kills, other.overruns))
+
+    def test(self, genome: np.ndarray) -> dict[str, float]:
+        import ray
+
+        slot = min(self.workers, key=lambda w: w.in_flight)
+        return ray.get(slot.actor.test.remote(genome), timeout=self.options.deadline_s)
+
+    def worker_stats(self) -> list[dict[str, Any]]:
+        return [
+            {
+                "worker": w.index,
+                "node": w.node,
+                "evaluations": w.evaluations,
+                "failures": w.failures,
+                "busy_seconds": round(w.busy_seconds, 3),
+                "replaced": w.replaced,
+            }
+            for w in self.workers
+        ]
+
+    def close(self) -> None:
+        import ray
+
+        for w in self.workers:
+            ray.kill(w.actor, no_restart=True)
+        self.pending.clear()
+        self.queue.clear()

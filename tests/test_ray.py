@@ -1,0 +1,151 @@
+"""The Ray executor on a real local Ray (started once for this module), with injected faults."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from evomerge.cli import main
+from evomerge.store import read_journal
+from tests.conftest import write_spec
+
+ray = pytest.importorskip("ray")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_cluster():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def spec_with(tmp_path: Path, name: str, budget: int = 60, deadline_s: float = 600.0, **faults) -> Path:
+    spec = {
+        "name": name,
+        "budget": budget,
+        "output": str(tmp_path / "runs"),
+        "evaluator": {
+            "name": "faulty",
+            "dataset": "wine",
+            "hidden": [8],
+            "device": "cpu",
+            "marker_dir": str(tmp_path / "markers"),
+            **faults,
+        },
+        "models": {"init": "random", "std": 0.1},
+        "strategy": {"name": "m2n2", "population": 6, "mutation_std": 0.05},
+        "runtime": {
+            "progress": False,
+            "log_every": 20,
+            "snapshot_every": 20,
+            "threads": 1,
+            "executor": {
+                "name": "ray",
+                "address": "auto",
+                "workers": 2,
+                "in_flight_per_worker": 2,
+                "cpus_per_worker": 0.5,
+                "deadline_s": deadline_s,
+            },
+        },
+    }
+    return write_spec(tmp_path / f"{name}.yaml", spec)
+
+
+def finished(tmp_path: Path, name: str) -> tuple[dict, dict[int, dict]]:
+    run = tmp_path / "runs" / name
+    summary = json.loads((run / "summary.json").read_text())
+    entries, _ = read_journal(run / "journal.jsonl")
+    return summary, {e["id"]: e for e in entries}
+
+
+def test_search_through_ray_records_workers(tmp_path):
+    assert main(["run", str(spec_with(tmp_path, "plain")), "--quiet"]) == 0
+    summary, entries = finished(tmp_path, "plain")
+    assert summary["status"] == "finished" and summary["evaluations"] == 60 and summary["failures"] == 0
+    assert sorted(entries) == list(range(60))
+    workers = summary["workers"]
+    assert len(workers) == 2 and sum(w["evaluations"] for w in workers) == 60
+    assert all(w["node"] and 0 <= w["busy_share"] <= 1 for w in workers)
+
+
+def test_evaluator_failures_fail_the_candidate_and_keep_the_worker(tmp_path):
+    path = spec_with(tmp_path, "failing", raise_on=[5], nan_on=[6], wrong_length_on=[7])
+    assert main(["run", str(path), "--quiet"]) == 0
+    summary, entries = finished(tmp_path, "failing")
+    assert summary["failures"] == 3 and summary["evaluations"] == 60
+    assert "injected failure for candidate 5" in entries[5]["error"]
+    assert "nan" in entries[6]["error"]
+    assert "length" in entries[7]["error"]
+    assert all(w["replaced"] == 0 for w in summary["workers"])
+
+
+def test_crashed_worker_is_replaced_and_its_candidate_retried(tmp_path):
+    assert main(["run", str(spec_with(tmp_path, "crash-once", exit_once_on=[9])), "--quiet"]) == 0
+    summary, entries = finished(tmp_path, "crash-once")
+    assert entries[9]["status"] == "ok"  # retried on the replacement worker
+    assert summary["failures"] == 0 and summary["evaluations"] == 60
+    assert sum(w["replaced"] for w in summary["workers"]) == 1
+
+
+def test_candidate_that_always_kills_its_worker_is_poisoned(tmp_path):
+    assert main(["run", str(spec_with(tmp_path, "poison", exit_on=[9])), "--quiet"]) == 0
+    summary, entries = finished(tmp_path, "poison")
+    assert entries[9]["status"] == "failed" and entries[9]["error"].startswith("poisoned")
+    assert summary["failures"] == 1 and summary["evaluations"] == 60
+    assert sum(w["replaced"] for w in summary["workers"]) == 2
+
+
+def test_deadline_overrun_is_cancelled_and_resubmitted_then_failed(tmp_path):
+    start = time.monotonic()
+    path = spec_with(tmp_path, "hang", budget=30, deadline_s=2.0, hang_on=[4], hang_s=60)
+    assert main(["run", str(path), "--quiet"]) == 0
+    summary, entries = finished(tmp_path, "hang")
+    assert entries[4]["status"] == "failed" and entries[4]["error"].startswith("deadline")
+    assert summary["evaluations"] == 30 and time.monotonic() - start < 60
+
+
+def test_results_out_of_order_and_in_flight_bound(tmp_path):
+    """A slow candidate finishes after later ones; the pool never has more than its bound in flight."""
+    from evomerge.runtime.ray_pool import RayExecutor, RayOptions
+    from evomerge.search.base import Candidate
+    from evomerge.seeds import save_seeds
+    from evomerge.spec import load_spec
+
+    spec = load_spec(spec_with(tmp_path, "order", sleep_on={0: 1.5}))
+    from evomerge.evaluate import EVALUATORS
+
+    layout = EVALUATORS.build(spec.evaluator).layout()
+    import numpy as np
+
+    seeds = [np.random.default_rng(k).standard_normal(layout.size).astype(np.float32) for k in range(2)]
+    save_seeds(tmp_path / "seeds", seeds, layout)
+    pool = RayExecutor(
+        spec.to_plain(),
+        tmp_path / "seeds",
+        RayOptions(address="auto", workers=2, in_flight_per_worker=1, cpus_per_worker=0.5),
+    )
+    try:
+        for cid in range(6):
+            pool.submit(Candidate(cid, seeds[cid % 2], {}))
+            assert len(pool.pending) <= pool.capacity == 2
+        order = []
+        while pool.in_flight():
+            order += [o.candidate.id for o in pool.collect()]
+            assert len(pool.pending) <= 2
+        assert sorted(order) == list(range(6)) and order[0] != 0 and order.index(0) > 0
+    finally:
+        pool.close()
+
+
+def test_deterministic_mode_is_reproducible(tmp_path):
+    runs = []
+    for name in ("det-a", "det-b"):
+        path = spec_with(tmp_path, name, sleep_on={3: 0.3, 10: 0.2})
+        assert main(["run", str(path), "--quiet", "--deterministic"]) == 0
+        _, entries = finished(tmp_path, name)
+        runs.append([(i, e["objectives"], e["meta"]) for i, e in sorted(entries.items())])
+    assert runs[0] == runs[1]
