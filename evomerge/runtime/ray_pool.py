@@ -76,6 +76,7 @@ class WorkerSlot:
     failures: int = 0
     busy_seconds: float = 0.0
     replaced: int = 0
+    lost: bool = False  # no room for a replacement (its node is gone): the pool goes on without it
 
 
 @dataclass
@@ -131,27 +132,46 @@ class RayExecutor:
         )(EvaluatorWorker)
         self._args = (spec_plain, str(seeds_dir), options.threads_per_worker)
         self.workers = [self._start(i) for i in range(options.workers)]
-        self.capacity = options.workers * options.in_flight_per_worker
         self.pending: dict[Any, Pending] = {}
         self.queue: deque[tuple[Candidate, int, int]] = deque()
         self.ready: list[Outcome] = []
 
-    def _start(self, index: int) -> WorkerSlot:
+    def _start(self, index: int, timeout: float = 120.0) -> WorkerSlot:
         import ray
 
         actor = self._actor_class.remote(*self._args)
         try:
-            node = ray.get(actor.node.remote(), timeout=120)
+            node = ray.get(actor.node.remote(), timeout=timeout)
         except ray.exceptions.RayActorError as err:
             raise EvomergeError(f"evaluator worker {index} failed to start: {err}") from err
+        except ray.exceptions.GetTimeoutError as err:
+            ray.kill(actor, no_restart=True)
+            raise EvomergeError(
+                f"evaluator worker {index} found no room in the Ray cluster within {timeout:g} s "
+                f"({self.options.cpus_per_worker:g} CPUs, {self.options.gpus_per_worker:g} GPUs each)"
+            ) from err
         return WorkerSlot(index, actor, node)
 
+    @property
+    def capacity(self) -> int:
+        return sum(not w.lost for w in self.workers) * self.options.in_flight_per_worker
+
     def _replace(self, slot: WorkerSlot) -> None:
+        """A fresh actor in the slot; without room for one the slot is retired (the last one may not be)."""
         import ray
 
         ray.kill(slot.actor, no_restart=True)
-        fresh = self._start(slot.index)
-        slot.actor, slot.node, slot.in_flight, slot.replaced = fresh.actor, fresh.node, 0, slot.replaced + 1
+        slot.in_flight = 0
+        try:
+            if ray.available_resources().get("CPU", 0.0) < self.options.cpus_per_worker:
+                raise EvomergeError(f"no CPU left in the Ray cluster for evaluator worker {slot.index}")
+            fresh = self._start(slot.index, timeout=30.0)
+        except EvomergeError:
+            slot.lost = True
+            if all(w.lost for w in self.workers):
+                raise
+            return
+        slot.actor, slot.node, slot.replaced = fresh.actor, fresh.node, slot.replaced + 1
 
     # Executor protocol ------------------------------------------------------------------------
     def in_flight(self) -> int:
@@ -163,7 +183,7 @@ class RayExecutor:
 
     def _dispatch(self) -> None:
         while self.queue:
-            slot = min(self.workers, key=lambda w: w.in_flight)
+            slot = min((w for w in self.workers if not w.lost), key=lambda w: w.in_flight)
             if slot.in_flight >= self.options.in_flight_per_worker:
                 return
             candidate, kills, overruns = self.queue.popleft()
@@ -210,16 +230,21 @@ class RayExecutor:
 
         An actor runs its tasks one at a time in submission order, so the culprit is the oldest.
         """
+        import ray
+
         slot = entry.worker
         slot.failures += 1
+        node_lost = slot.node not in {n["NodeID"] for n in ray.nodes() if n["Alive"]}
         orphans = [entry] + [p for r, p in list(self.pending.items()) if p.worker is slot]
         for r in [r for r, p in self.pending.items() if p.worker is slot]:
             self.pending.pop(r)
         self._replace(slot)
         culprit = min(orphans, key=lambda p: p.submitted)
         for orphan in sorted(orphans, key=lambda p: p.submitted, reverse=True):
-            if orphan is not culprit:
+            if orphan is not culprit or node_lost:  # a lost node is nobody's fault
                 self.queue.appendleft((orphan.candidate, orphan.kills, orphan.overruns))
+        if node_lost:
+            return
         kills = culprit.kills + 1
         if kills >= MAX_KILLS:
             message = f"poisoned: killed its evaluator worker {kills} times ({type(err).__name__})"
@@ -250,7 +275,7 @@ class RayExecutor:
     def test(self, genome: np.ndarray) -> dict[str, float]:
         import ray
 
-        slot = min(self.workers, key=lambda w: w.in_flight)
+        slot = min((w for w in self.workers if not w.lost), key=lambda w: w.in_flight)
         return ray.get(slot.actor.test.remote(genome), timeout=self.options.deadline_s)
 
     def worker_stats(self) -> list[dict[str, Any]]:
@@ -262,6 +287,7 @@ class RayExecutor:
                 "failures": w.failures,
                 "busy_seconds": round(w.busy_seconds, 3),
                 "replaced": w.replaced,
+                "lost": w.lost,
             }
             for w in self.workers
         ]
@@ -270,6 +296,7 @@ class RayExecutor:
         import ray
 
         for w in self.workers:
-            ray.kill(w.actor, no_restart=True)
+            if not w.lost:
+                ray.kill(w.actor, no_restart=True)
         self.pending.clear()
         self.queue.clear()
