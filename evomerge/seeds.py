@@ -80,5 +80,7 @@ def save_seeds(directory: Path, genomes: list[np.ndarray], layout: Layout) -> No
 
 
 def load_seeds(directory: Path, layout: Layout) -> list[np.ndarray]:
+    if not directory.is_dir() or not any(directory.glob("seed_*.safetensors")):
+        raise EvomergeError(f"seed models folder {directory} is missing or empty")
     paths = sorted(directory.glob("seed_*.safetensors"), key=lambda p: int(p.stem.split("_")[1]))
     return [load_flat(p, layout) for p in paths]

@@ -9,6 +9,7 @@ candidate past its deadline is cancelled and resubmitted once, then failed.
 
 from __future__ import annotations
 
+import socket
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -100,12 +101,22 @@ class RayOptions:
     threads_per_worker: int = 1
 
 
+def _probe(address: str, timeout: float = 5.0) -> None:
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except (OSError, ValueError) as err:
+        raise EvomergeError(f"cannot reach a Ray cluster at {address!r}: {err}") from err
+
+
 def connect(address: str, num_cpus: int | None = None) -> None:
     """Start (`local`) or join (`auto`, an address) a Ray cluster, with errors that name the cause."""
     import ray
 
     if ray.is_initialized():
         return
+    if address not in ("local", "auto") and not address.startswith("ray://"):
+        _probe(address)  # ray.init retries an unreachable GCS for minutes; fail in seconds instead
     try:
         if address == "local":
             ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
@@ -143,7 +154,8 @@ class RayExecutor:
         try:
             node = ray.get(actor.node.remote(), timeout=timeout)
         except ray.exceptions.RayActorError as err:
-            raise EvomergeError(f"evaluator worker {index} failed to start: {err}") from err
+            cause = [line.strip() for line in str(err).splitlines() if line.strip()][-1]  # the raised error itself
+            raise EvomergeError(f"evaluator worker {index} failed to start: {cause}") from err
         except ray.exceptions.GetTimeoutError as err:
             ray.kill(actor, no_restart=True)
             raise EvomergeError(
