@@ -210,12 +210,15 @@ class SearchManager:
             self.snapshot()
         best = self.strategy.best()
         elapsed = max(self.state.wall_seconds, 1e-9)
+        busy = getattr(self.executor, "busy", None)
+        extra = "workers busy {}/{}".format(*busy()) if busy is not None else ""
         self._progress.update(
             done,
             done / elapsed,
             None if best is None else best[1],
             self.state.last_test.get("accuracy"),
             self.state.failures,
+            extra,
         )
 
     def _log_point(self) -> None:

@@ -23,7 +23,14 @@ class Progress:
         self._interval = 0.2 if self.tty else 10.0
 
     def update(
-        self, done: int, rate: float, best: float | None, test: float | None, failures: int, force: bool = False
+        self,
+        done: int,
+        rate: float,
+        best: float | None,
+        test: float | None,
+        failures: int,
+        extra: str = "",
+        force: bool = False,
     ) -> None:
         if not self.enabled:
             return
@@ -38,7 +45,7 @@ class Progress:
         test_s = "-" if test is None else f"{test:.4f}"
         line = (
             f"[{bar}] {done:,}/{self.total:,} evals  {rate:,.0f}/s  best train {best_s}  test {test_s}"
-            f"  failed {failures}  eta {_clock(eta)}"
+            f"  failed {failures}{'  ' + extra if extra else ''}  eta {_clock(eta)}"
         )
         if self.tty:
             self.stream.write("\r" + line + "\x1b[K")

@@ -290,6 +290,11 @@ class RayExecutor:
         slot = min((w for w in self.workers if not w.lost), key=lambda w: w.in_flight)
         return ray.get(slot.actor.test.remote(genome), timeout=self.options.deadline_s)
 
+    def busy(self) -> tuple[int, int]:
+        """(workers with work in flight, workers alive), for the progress display."""
+        alive = [w for w in self.workers if not w.lost]
+        return sum(w.in_flight > 0 for w in alive), len(alive)
+
     def worker_stats(self) -> list[dict[str, Any]]:
         return [
             {
