@@ -52,6 +52,7 @@ class ExecutorSpec:
     in_flight_per_worker: int = 2
     deadline_s: float = 600.0
     deterministic: bool = False  # apply results in submission order (reproducible, slower)
+    dashboard: bool = False  # with address 'local': start Ray's dashboard (needs ray[default])
 
     def check(self, path: str) -> None:
         require(self.workers >= 1, f"{path}.workers", f"got {self.workers}, must be >= 1")

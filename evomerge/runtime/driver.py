@@ -52,6 +52,7 @@ def build_manager(run: RunDir, spec: SearchSpec, budget: int, fresh_seeds: bool,
             in_flight_per_worker=chosen.in_flight_per_worker,
             deadline_s=chosen.deadline_s,
             threads_per_worker=spec.runtime.threads or 1,
+            dashboard=chosen.dashboard,
         )
         executor = RayExecutor(spec.to_plain(), run.seeds_dir, options)
         deterministic = chosen.deterministic

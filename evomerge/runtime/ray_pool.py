@@ -99,6 +99,7 @@ class RayOptions:
     deadline_s: float = 600.0
     wait_s: float = 1.0
     threads_per_worker: int = 1
+    dashboard: bool = False
 
 
 def _probe(address: str, timeout: float = 5.0) -> None:
@@ -109,7 +110,7 @@ def _probe(address: str, timeout: float = 5.0) -> None:
         raise EvomergeError(f"cannot reach a Ray cluster at {address!r}: {err}") from err
 
 
-def connect(address: str, num_cpus: int | None = None) -> None:
+def connect(address: str, num_cpus: int | None = None, dashboard: bool = False) -> None:
     """Start (`local`) or join (`auto`, an address) a Ray cluster, with errors that name the cause."""
     import ray
 
@@ -119,7 +120,7 @@ def connect(address: str, num_cpus: int | None = None) -> None:
         _probe(address)  # ray.init retries an unreachable GCS for minutes; fail in seconds instead
     try:
         if address == "local":
-            ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+            ray.init(num_cpus=num_cpus, include_dashboard=dashboard, log_to_driver=False)
         else:
             ray.init(address=address, log_to_driver=False)
     except (ConnectionError, RuntimeError, ValueError) as err:
@@ -131,7 +132,7 @@ class RayExecutor:
         import ray
 
         self.options = options
-        connect(options.address, num_cpus=None)
+        connect(options.address, num_cpus=None, dashboard=options.dashboard)
         available = ray.cluster_resources()
         if options.gpus_per_worker and available.get("GPU", 0) < options.gpus_per_worker * options.workers:
             raise EvomergeError(
