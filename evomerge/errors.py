@@ -10,7 +10,12 @@ class SpecError(EvomergeError):
 
     def __init__(self, path: str, message: str):
         self.path = path
+        self.message = message
         super().__init__(f"{path}: {message}" if path else message)
+
+    def __reduce__(self) -> tuple:
+        """Picklable, so an error raised in a Ray worker reaches the driver intact."""
+        return (type(self), (self.path, self.message))
 
 
 class RunDirError(EvomergeError):

@@ -49,6 +49,7 @@ class ExecutorSpec:
     workers: int = 2
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
+    accelerator_type: str | None = None  # e.g. H100: place workers only on nodes with it
     in_flight_per_worker: int = 2
     deadline_s: float = 600.0
     deterministic: bool = False  # apply results in submission order (reproducible, slower)

@@ -149,3 +149,20 @@ def test_deterministic_mode_is_reproducible(tmp_path):
         _, entries = finished(tmp_path, name)
         runs.append([(i, e["objectives"], e["meta"]) for i, e in sorted(entries.items())])
     assert runs[0] == runs[1]
+
+
+def test_evaluator_not_importable_on_workers(tmp_path, monkeypatch):
+    """A user evaluator the driver can import but the workers cannot: refused before the search."""
+    from evomerge.errors import EvomergeError
+    from evomerge.runtime.ray_pool import RayExecutor, RayOptions
+    from evomerge.spec import spec_from_dict
+
+    (tmp_path / "driver_only_eval.py").write_text(
+        "from evomerge.evaluate.classification import ClassificationEvaluator, ClassificationOptions\n"
+        "def make(**kw):\n"
+        "    return ClassificationEvaluator(ClassificationOptions(dataset='wine', hidden=[4], device='cpu'))\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    spec = spec_from_dict({"name": "x", "budget": 5, "evaluator": "driver_only_eval:make", "strategy": "m2n2"})
+    with pytest.raises(EvomergeError, match="failed to start.*driver_only_eval"):
+        RayExecutor(spec.to_plain(), tmp_path, RayOptions(address="auto", workers=1, cpus_per_worker=0.5))

@@ -145,3 +145,31 @@ def test_resume_extends_a_finished_run(tmp_path: Path):
     entries, _ = read_journal(run / "journal.jsonl")
     assert [e["id"] for e in entries] == list(range(100))
     assert json.loads((run / "summary.json").read_text())["evaluations"] == 100
+
+
+def test_a_duplicate_result_is_applied_once(tmp_path: Path):
+    """An executor that delivers one result twice (a retried task whose first try also finished)."""
+    from evomerge.runtime.driver import build_manager
+    from evomerge.spec import spec_from_dict
+    from evomerge.store import RunDir
+
+    spec = spec_from_dict(tiny_spec(tmp_path, name="dup", budget=40))
+    run = RunDir.create(spec, tmp_path / "runs")
+    try:
+        manager = build_manager(run, spec, spec.budget, fresh_seeds=True, progress=False)
+        inner = manager.executor.collect
+
+        def twice():
+            outcomes = inner()
+            return outcomes + outcomes
+
+        manager.executor.collect = twice
+        told = []
+        original_tell = manager.strategy.tell
+        manager.strategy.tell = lambda c, r: (told.append(c.id), original_tell(c, r))
+        assert manager.loop() == "finished"
+    finally:
+        run.held_lock.release()
+    assert told == list(range(40))
+    entries, _ = read_journal(run.journal_path)
+    assert [e["id"] for e in entries] == list(range(40))

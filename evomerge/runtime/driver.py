@@ -53,6 +53,7 @@ def build_manager(run: RunDir, spec: SearchSpec, budget: int, fresh_seeds: bool,
             deadline_s=chosen.deadline_s,
             threads_per_worker=spec.runtime.threads or 1,
             dashboard=chosen.dashboard,
+            accelerator_type=chosen.accelerator_type,
         )
         executor = RayExecutor(spec.to_plain(), run.seeds_dir, options)
         deterministic = chosen.deterministic

@@ -118,7 +118,7 @@ class SearchManager:
                     )
                 if not self._ready_to_apply():
                     for outcome in self.executor.collect():
-                        self._held[outcome.candidate.id] = (outcome, False)
+                        self._hold(outcome)
                 for outcome, from_journal in self._take_ready():
                     self._apply(outcome, journal, from_journal)
                     self.state.wall_seconds = wall_before + time.perf_counter() - start
@@ -164,6 +164,12 @@ class SearchManager:
             )
         outcome = Outcome(candidate, _entry_result(entry), entry.get("error"), entry.get("seconds", 0.0))
         self._held[candidate.id] = (outcome, True)
+
+    def _hold(self, outcome: Outcome) -> None:
+        """Keep a result until it is applied; a second result for the same candidate is dropped."""
+        cid = outcome.candidate.id
+        if cid in self._launched and cid not in self._held:
+            self._held[cid] = (outcome, False)
 
     def _ready_to_apply(self) -> bool:
         if self.deterministic:

@@ -30,7 +30,7 @@ MAX_OVERRUNS = 2  # a candidate that overruns its deadline this many times fails
 class EvaluatorWorker:
     """Runs inside a Ray actor: the evaluator and the space over the run's seed files, built once."""
 
-    def __init__(self, spec_plain: dict[str, Any], seeds_dir: str, threads: int):
+    def __init__(self, spec_plain: dict[str, Any], seeds_dir: str, threads: int, gpu_fraction: float = 0.0):
         import torch
 
         from evomerge.evaluate import EVALUATORS
@@ -40,6 +40,8 @@ class EvaluatorWorker:
 
         if threads:
             torch.set_num_threads(threads)
+        if 0 < gpu_fraction < 1 and torch.cuda.is_available():
+            torch.cuda.set_per_process_memory_fraction(gpu_fraction)  # a GPU share comes with its memory share
         spec = spec_from_dict(spec_plain)
         if not Path(seeds_dir).is_dir():
             raise EvomergeError(f"seed models folder {seeds_dir} is missing on this node")
@@ -100,6 +102,14 @@ class RayOptions:
     wait_s: float = 1.0
     threads_per_worker: int = 1
     dashboard: bool = False
+    accelerator_type: str | None = None
+
+
+def _no_room(index: int, timeout: float, options: RayOptions) -> EvomergeError:
+    return EvomergeError(
+        f"evaluator worker {index} found no room in the Ray cluster within {timeout:g} s "
+        f"({options.cpus_per_worker:g} CPUs, {options.gpus_per_worker:g} GPUs each)"
+    )
 
 
 def _probe(address: str, timeout: float = 5.0) -> None:
@@ -139,10 +149,11 @@ class RayExecutor:
                 f"executor asks for {options.gpus_per_worker * options.workers:g} GPUs, "
                 f"the Ray cluster has {available.get('GPU', 0):g}"
             )
+        placement = {"accelerator_type": options.accelerator_type} if options.accelerator_type else {}
         self._actor_class = ray.remote(
-            num_cpus=options.cpus_per_worker, num_gpus=options.gpus_per_worker, max_restarts=0
+            num_cpus=options.cpus_per_worker, num_gpus=options.gpus_per_worker, max_restarts=0, **placement
         )(EvaluatorWorker)
-        self._args = (spec_plain, str(seeds_dir), options.threads_per_worker)
+        self._args = (spec_plain, str(seeds_dir), options.threads_per_worker, options.gpus_per_worker)
         self.workers = [self._start(i) for i in range(options.workers)]
         self.pending: dict[Any, Pending] = {}
         self.queue: deque[tuple[Candidate, int, int]] = deque()
@@ -154,15 +165,13 @@ class RayExecutor:
         actor = self._actor_class.remote(*self._args)
         try:
             node = ray.get(actor.node.remote(), timeout=timeout)
-        except ray.exceptions.RayActorError as err:
+        except (ray.exceptions.RayActorError, ray.exceptions.RayError) as err:
+            if isinstance(err, ray.exceptions.GetTimeoutError):
+                ray.kill(actor, no_restart=True)
+                raise _no_room(index, timeout, self.options) from err
             cause = [line.strip() for line in str(err).splitlines() if line.strip()][-1]  # the raised error itself
             raise EvomergeError(f"evaluator worker {index} failed to start: {cause}") from err
-        except ray.exceptions.GetTimeoutError as err:
-            ray.kill(actor, no_restart=True)
-            raise EvomergeError(
-                f"evaluator worker {index} found no room in the Ray cluster within {timeout:g} s "
-                f"({self.options.cpus_per_worker:g} CPUs, {self.options.gpus_per_worker:g} GPUs each)"
-            ) from err
+
         return WorkerSlot(index, actor, node)
 
     @property
