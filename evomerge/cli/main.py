@@ -148,6 +148,12 @@ def _print_result(run) -> int:
 
     summary = run.summary() or {}
     print(format_table(run_rows([run])))
+    for w in summary.get("workers", []):
+        state = "lost" if w.get("lost") else f"replaced {w['replaced']}x"
+        print(
+            f"worker {w['worker']}: node {w['node'][:12]}  {w['evaluations']:,} evals  {w['failures']} failed  "
+            f"busy {100 * w['busy_share']:.0f}%  {state}"
+        )
     print(f"\nrun directory: {run.path}")
     for plot in sorted(run.plots_dir.glob("*.png")) if run.plots_dir.exists() else []:
         print(f"plot: {plot}")
