@@ -38,3 +38,22 @@ def tiny_spec(tmp_path: Path, **overrides: Any) -> dict[str, Any]:
 def write_spec(path: Path, spec: dict[str, Any]) -> Path:
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     return path
+
+
+def assert_export_reapplies(spec: dict[str, Any], tmp_path: Path, tolerance: float = 0.0) -> None:
+    """Run `spec`, export its best individual, re-apply the exported merge_plan.yaml with
+    `evomerge merge`, and check the rebuilt model equals the exported one."""
+    import torch
+    from safetensors.torch import load_file
+
+    from evomerge.cli import main
+
+    assert main(["run", str(write_spec(tmp_path / "spec.yaml", spec)), "--quiet"]) == 0
+    run = Path(spec["output"]) / spec["name"]
+    assert main(["export", str(run)]) == 0
+    exported = run / "export" / "best"
+    assert main(["merge", str(exported / "merge_plan.yaml"), "--out", str(tmp_path / "again")]) == 0
+    a, b = load_file(str(exported / "model.safetensors")), load_file(str(tmp_path / "again" / "model.safetensors"))
+    assert sorted(a) == sorted(b)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=tolerance, atol=tolerance)

@@ -6,13 +6,12 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from evomerge.cli import main
 from evomerge.evaluate.classification import ClassificationEvaluator, ClassificationOptions
 from evomerge.store import read_journal
-from tests.conftest import tiny_spec, write_spec
+from tests.conftest import assert_export_reapplies, tiny_spec, write_spec
 
 
 @pytest.fixture(scope="module")
@@ -60,21 +59,11 @@ def test_export_by_id_and_unknown_id(recipe_run: Path, capsys, tmp_path: Path):
 
 
 def test_recipe_with_tensor_blocks_exports_a_reapplicable_plan(tmp_path: Path):
-    from safetensors.torch import load_file
-
     spec = tiny_spec(tmp_path, name="recipe-tensor", budget=40)
     spec["models"] = {"init": "specialists", "specialists": [[0], [1, 2]], "train_steps": 5}
     spec["space"] = {"name": "recipe", "blocks": "tensor"}
     spec["strategy"] = {"name": "m2n2", "population": 6, "mutation_std": 0.0}
-    assert main(["run", str(write_spec(tmp_path / "spec.yaml", spec)), "--quiet"]) == 0
-    run = tmp_path / "runs" / "recipe-tensor"
-    assert main(["export", str(run)]) == 0
-    exported = run / "export" / "best"
-    assert main(["merge", str(exported / "merge_plan.yaml"), "--out", str(tmp_path / "again")]) == 0
-    a, b = load_file(str(exported / "model.safetensors")), load_file(str(tmp_path / "again" / "model.safetensors"))
-    assert sorted(a) == sorted(b)
-    for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=1e-6, atol=1e-6)
+    assert_export_reapplies(spec, tmp_path, tolerance=1e-6)
 
 
 def test_chunk_recipes_have_no_plan(recipe_run: Path, tmp_path: Path):

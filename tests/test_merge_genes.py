@@ -12,7 +12,7 @@ from evomerge.evaluate.classification import mlp_layout
 from evomerge.merge.base import merge_state_dicts
 from evomerge.schema import parse
 from evomerge.space.merge_genes import MergeGenesOptions, MergeGenesSpace
-from tests.conftest import tiny_spec, write_spec
+from tests.conftest import assert_export_reapplies, tiny_spec, write_spec
 
 LAYOUT = mlp_layout([5, 4, 3])  # two layers -> blocks layer.0, layer.1
 SEEDS = [np.random.default_rng(k).standard_normal(LAYOUT.size).astype(np.float32) for k in range(3)]
@@ -103,7 +103,6 @@ def test_per_task_list_must_match_the_models():
 
 def test_exported_merge_plan_reapplies_the_found_merge(tmp_path):
     """export writes merge_plan.yaml; `evomerge merge` of it rebuilds the exported model exactly."""
-    from safetensors.torch import load_file
 
     spec = tiny_spec(tmp_path, name="genes-export", budget=24)
     spec["models"] = {"init": "specialists", "specialists": [[0], [1, 2]], "shared_init": True, "train_steps": 5}
@@ -113,12 +112,4 @@ def test_exported_merge_plan_reapplies_the_found_merge(tmp_path):
         "genes": {"weights": {"low": 0, "high": 1.5, "per": "model_block"}, "scale": {"per": "block"}},
     }
     spec["strategy"] = {"name": "cma_es", "population": 6, "sigma0": 0.3}
-    assert main(["run", str(write_spec(tmp_path / "s.yaml", spec)), "--quiet"]) == 0
-    run = tmp_path / "runs" / "genes-export"
-    assert main(["export", str(run)]) == 0
-    exported = run / "export" / "best"
-    assert main(["merge", str(exported / "merge_plan.yaml"), "--out", str(tmp_path / "again")]) == 0
-    a, b = load_file(str(exported / "model.safetensors")), load_file(str(tmp_path / "again" / "model.safetensors"))
-    assert sorted(a) == sorted(b)
-    for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0)
+    assert_export_reapplies(spec, tmp_path)
