@@ -257,9 +257,21 @@ class RayExecutor:
         slot = entry.worker
         slot.failures += 1
         node_lost = slot.node not in {n["NodeID"] for n in ray.nodes() if n["Alive"]}
-        orphans = [entry] + [p for r, p in list(self.pending.items()) if p.worker is slot]
-        for r in [r for r, p in self.pending.items() if p.worker is slot]:
-            self.pending.pop(r)
+        orphans = [entry]
+        held = [(r, p) for r, p in self.pending.items() if p.worker is slot]
+        # let every task of the dead actor resolve (a finished task's reply may still be in transit)
+        resolved, _ = ray.wait([r for r, _ in held], num_returns=len(held), timeout=2.0) if held else ([], [])
+        for ref, pending in held:
+            if ref in resolved:
+                try:
+                    ray.get(ref)
+                except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError):
+                    pass
+                else:
+                    self._finish(ref)  # it finished before the crash: an ordinary result, not a suspect
+                    continue
+            self.pending.pop(ref)
+            orphans.append(pending)
         self._replace(slot)
         culprit = min(orphans, key=lambda p: p.submitted)
         for orphan in sorted(orphans, key=lambda p: p.submitted, reverse=True):
