@@ -110,10 +110,10 @@ def test_deadline_overrun_is_cancelled_and_resubmitted_then_failed(tmp_path):
 
 def test_results_out_of_order_and_in_flight_bound(tmp_path):
     """A slow candidate finishes after later ones; the pool never has more than its bound in flight."""
-    from evomerge.runtime.ray_pool import RayExecutor, RayOptions
+    from evomerge.runtime.ray_pool import RayExecutor
     from evomerge.search.base import Candidate
     from evomerge.seeds import save_seeds
-    from evomerge.spec import load_spec
+    from evomerge.spec import ExecutorSpec, load_spec
 
     spec = load_spec(spec_with(tmp_path, "order", sleep_on={0: 1.5}))
     from evomerge.evaluate import EVALUATORS
@@ -126,7 +126,7 @@ def test_results_out_of_order_and_in_flight_bound(tmp_path):
     pool = RayExecutor(
         spec.to_plain(),
         tmp_path / "seeds",
-        RayOptions(address="auto", workers=2, in_flight_per_worker=1, cpus_per_worker=0.5),
+        ExecutorSpec(name="ray", address="auto", workers=2, in_flight_per_worker=1, cpus_per_worker=0.5),
     )
     try:
         for cid in range(6):
@@ -154,8 +154,8 @@ def test_deterministic_mode_is_reproducible(tmp_path):
 def test_evaluator_not_importable_on_workers(tmp_path, monkeypatch):
     """A user evaluator the driver can import but the workers cannot: refused before the search."""
     from evomerge.errors import EvomergeError
-    from evomerge.runtime.ray_pool import RayExecutor, RayOptions
-    from evomerge.spec import spec_from_dict
+    from evomerge.runtime.ray_pool import RayExecutor
+    from evomerge.spec import ExecutorSpec, spec_from_dict
 
     (tmp_path / "driver_only_eval.py").write_text(
         "from evomerge.evaluate.classification import ClassificationEvaluator, ClassificationOptions\n"
@@ -165,4 +165,4 @@ def test_evaluator_not_importable_on_workers(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     spec = spec_from_dict({"name": "x", "budget": 5, "evaluator": "driver_only_eval:make", "strategy": "m2n2"})
     with pytest.raises(EvomergeError, match="failed to start.*driver_only_eval"):
-        RayExecutor(spec.to_plain(), tmp_path, RayOptions(address="auto", workers=1, cpus_per_worker=0.5))
+        RayExecutor(spec.to_plain(), tmp_path, ExecutorSpec(name="ray", address="auto", workers=1, cpus_per_worker=0.5))

@@ -109,13 +109,13 @@ def test_seed_models_missing_on_a_worker_node(tmp_path):
     import ray
 
     from evomerge.errors import EvomergeError
-    from evomerge.runtime.ray_pool import RayExecutor, RayOptions
-    from evomerge.spec import load_spec
+    from evomerge.runtime.ray_pool import RayExecutor
+    from evomerge.spec import ExecutorSpec, load_spec
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         spec = load_spec(ray_spec(tmp_path, "no-seeds"))
         with pytest.raises(EvomergeError, match="failed to start.*seed models folder .*missing"):
-            RayExecutor(spec.to_plain(), tmp_path / "not-here", RayOptions(address="auto", workers=1))
+            RayExecutor(spec.to_plain(), tmp_path / "not-here", ExecutorSpec(name="ray", address="auto", workers=1))
     finally:
         ray.shutdown()

@@ -23,16 +23,24 @@ from evomerge.store.atomic import atomic_write_text
 from evomerge.weights.io import save_tensors
 
 
-def build_parts(run: RunDir, spec: SearchSpec, fresh_seeds: bool) -> tuple[Evaluator, Space, Strategy]:
-    """The evaluator, the space over the run's seed models, and a fresh strategy."""
+def build_evaluator_and_space(spec: SearchSpec, seeds_dir: Path, fresh_seeds: bool = False) -> tuple[Evaluator, Space]:
+    """The evaluator and the space over the seed models in `seeds_dir` (built and saved there first if fresh).
+
+    The driver and every Ray worker build them the same way.
+    """
     evaluator = EVALUATORS.build(spec.evaluator)
     layout = evaluator.layout()
     if fresh_seeds:
         seeds = build_seeds(spec.models, evaluator, spec.evaluator.to_plain(), spec.seed)
-        save_seeds(run.seeds_dir, seeds, layout)
+        save_seeds(seeds_dir, seeds, layout)
     else:
-        seeds = load_seeds(run.seeds_dir, layout)
-    space = SPACES.build(spec.space, layout=layout, seeds=seeds)
+        seeds = load_seeds(seeds_dir, layout)
+    return evaluator, SPACES.build(spec.space, layout=layout, seeds=seeds)
+
+
+def build_parts(run: RunDir, spec: SearchSpec, fresh_seeds: bool) -> tuple[Evaluator, Space, Strategy]:
+    """The evaluator, the space over the run's seed models, and a fresh strategy."""
+    evaluator, space = build_evaluator_and_space(spec, run.seeds_dir, fresh_seeds)
     return evaluator, space, STRATEGIES.build(spec.strategy, space=space, seed=spec.seed)
 
 
@@ -42,20 +50,9 @@ def build_manager(run: RunDir, spec: SearchSpec, budget: int, fresh_seeds: bool,
     evaluator, space, strategy = build_parts(run, spec, fresh_seeds)
     chosen = spec.runtime.executor
     if chosen.name == "ray":
-        from evomerge.runtime.ray_pool import RayExecutor, RayOptions
+        from evomerge.runtime.ray_pool import RayExecutor
 
-        options = RayOptions(
-            address=chosen.address,
-            workers=chosen.workers,
-            cpus_per_worker=chosen.cpus_per_worker,
-            gpus_per_worker=chosen.gpus_per_worker,
-            in_flight_per_worker=chosen.in_flight_per_worker,
-            deadline_s=chosen.deadline_s,
-            threads_per_worker=spec.runtime.threads or 1,
-            dashboard=chosen.dashboard,
-            accelerator_type=chosen.accelerator_type,
-        )
-        executor = RayExecutor(spec.to_plain(), run.seeds_dir, options)
+        executor = RayExecutor(spec.to_plain(), run.seeds_dir, chosen, threads=spec.runtime.threads or 1)
         deterministic = chosen.deterministic
     else:
         executor, deterministic = InProcessExecutor(evaluator, space), True

@@ -22,6 +22,7 @@ from evomerge.errors import EvomergeError
 from evomerge.evaluate.base import EvalResult
 from evomerge.runtime.executor import Outcome
 from evomerge.search.base import Candidate
+from evomerge.spec import ExecutorSpec
 
 MAX_KILLS = 2  # a candidate that kills this many workers is poisoned
 MAX_OVERRUNS = 2  # a candidate that overruns its deadline this many times fails
@@ -33,21 +34,14 @@ class EvaluatorWorker:
     def __init__(self, spec_plain: dict[str, Any], seeds_dir: str, threads: int, gpu_fraction: float = 0.0):
         import torch
 
-        from evomerge.evaluate import EVALUATORS
-        from evomerge.seeds import load_seeds
-        from evomerge.space import SPACES
+        from evomerge.runtime.driver import build_evaluator_and_space
         from evomerge.spec import spec_from_dict
 
         if threads:
             torch.set_num_threads(threads)
         if 0 < gpu_fraction < 1 and torch.cuda.is_available():
             torch.cuda.set_per_process_memory_fraction(gpu_fraction)  # a GPU share comes with its memory share
-        spec = spec_from_dict(spec_plain)
-        if not Path(seeds_dir).is_dir():
-            raise EvomergeError(f"seed models folder {seeds_dir} is missing on this node")
-        self.evaluator = EVALUATORS.build(spec.evaluator)
-        layout = self.evaluator.layout()
-        self.space = SPACES.build(spec.space, layout=layout, seeds=load_seeds(Path(seeds_dir), layout))
+        self.evaluator, self.space = build_evaluator_and_space(spec_from_dict(spec_plain), Path(seeds_dir))
         self.n_examples = getattr(self.evaluator, "n_examples", None)
 
     def node(self) -> str:
@@ -91,21 +85,7 @@ class Pending:
     overruns: int = 0
 
 
-@dataclass
-class RayOptions:
-    address: str = "local"
-    workers: int = 2
-    cpus_per_worker: float = 1.0
-    gpus_per_worker: float = 0.0
-    in_flight_per_worker: int = 2
-    deadline_s: float = 600.0
-    wait_s: float = 1.0
-    threads_per_worker: int = 1
-    dashboard: bool = False
-    accelerator_type: str | None = None
-
-
-def _no_room(index: int, timeout: float, options: RayOptions) -> EvomergeError:
+def _no_room(index: int, timeout: float, options: ExecutorSpec) -> EvomergeError:
     return EvomergeError(
         f"evaluator worker {index} found no room in the Ray cluster within {timeout:g} s "
         f"({options.cpus_per_worker:g} CPUs, {options.gpus_per_worker:g} GPUs each)"
@@ -120,7 +100,7 @@ def _probe(address: str, timeout: float = 5.0) -> None:
         raise EvomergeError(f"cannot reach a Ray cluster at {address!r}: {err}") from err
 
 
-def connect(address: str, num_cpus: int | None = None, dashboard: bool = False) -> None:
+def connect(address: str, dashboard: bool = False) -> None:
     """Start (`local`) or join (`auto`, an address) a Ray cluster, with errors that name the cause."""
     import ray
 
@@ -130,7 +110,7 @@ def connect(address: str, num_cpus: int | None = None, dashboard: bool = False) 
         _probe(address)  # ray.init retries an unreachable GCS for minutes; fail in seconds instead
     try:
         if address == "local":
-            ray.init(num_cpus=num_cpus, include_dashboard=dashboard, log_to_driver=False)
+            ray.init(include_dashboard=dashboard, log_to_driver=False)
         else:
             ray.init(address=address, log_to_driver=False)
     except (ConnectionError, RuntimeError, ValueError) as err:
@@ -138,11 +118,16 @@ def connect(address: str, num_cpus: int | None = None, dashboard: bool = False) 
 
 
 class RayExecutor:
-    def __init__(self, spec_plain: dict[str, Any], seeds_dir: Path, options: RayOptions):
+    def __init__(
+        self, spec_plain: dict[str, Any], seeds_dir: Path, options: ExecutorSpec, threads: int = 1, wait_s: float = 1.0
+    ):
+        """`options` is the spec's `runtime.executor`; `threads` torch threads per worker; `wait_s` the
+        longest single `ray.wait` (deadlines are checked between waits)."""
         import ray
 
         self.options = options
-        connect(options.address, num_cpus=None, dashboard=options.dashboard)
+        self.wait_s = wait_s
+        connect(options.address, dashboard=options.dashboard)
         available = ray.cluster_resources()
         if options.gpus_per_worker and available.get("GPU", 0) < options.gpus_per_worker * options.workers:
             raise EvomergeError(
@@ -153,7 +138,7 @@ class RayExecutor:
         self._actor_class = ray.remote(
             num_cpus=options.cpus_per_worker, num_gpus=options.gpus_per_worker, max_restarts=0, **placement
         )(EvaluatorWorker)
-        self._args = (spec_plain, str(seeds_dir), options.threads_per_worker, options.gpus_per_worker)
+        self._args = (spec_plain, str(seeds_dir), threads, options.gpus_per_worker)
         self.workers = [self._start(i) for i in range(options.workers)]
         self.pending: dict[Any, Pending] = {}
         self.queue: deque[tuple[Candidate, int, int]] = deque()
@@ -217,7 +202,7 @@ class RayExecutor:
         import ray
 
         while not self.ready and self.pending:
-            done, _ = ray.wait(list(self.pending), num_returns=1, timeout=self.options.wait_s)
+            done, _ = ray.wait(list(self.pending), num_returns=1, timeout=self.wait_s)
             for ref in done:
                 self._finish(ref)
             self._enforce_deadlines()
@@ -258,7 +243,7 @@ class RayExecutor:
         slot.failures += 1
         node_lost = slot.node not in {n["NodeID"] for n in ray.nodes() if n["Alive"]}
         orphans = [entry]
-        held = [(r, p) for r, p in self.pending.items() if p.worker is slot]
+        held = self._held_by(slot)
         # let every task of the dead actor resolve (a finished task's reply may still be in transit)
         resolved, _ = ray.wait([r for r, _ in held], num_returns=len(held), timeout=2.0) if held else ([], [])
         for ref, pending in held:
@@ -273,12 +258,11 @@ class RayExecutor:
             self.pending.pop(ref)
             orphans.append(pending)
         self._replace(slot)
-        culprit = min(orphans, key=lambda p: p.submitted)
-        for orphan in sorted(orphans, key=lambda p: p.submitted, reverse=True):
-            if orphan is not culprit or node_lost:  # a lost node is nobody's fault
-                self.queue.appendleft((orphan.candidate, orphan.kills, orphan.overruns))
-        if node_lost:
+        if node_lost:  # a lost node is nobody's fault
+            self._requeue_first(orphans)
             return
+        culprit = min(orphans, key=lambda p: p.submitted)
+        self._requeue_first([p for p in orphans if p is not culprit])
         kills = culprit.kills + 1
         if kills >= MAX_KILLS:
             message = f"poisoned: killed its evaluator worker {kills} times ({type(err).__name__})"
@@ -292,19 +276,23 @@ class RayExecutor:
             if ref not in self.pending or now - entry.submitted <= self.options.deadline_s:
                 continue  # requeued with an earlier overdue task of its worker, or still in time
             self.pending.pop(ref)
-            slot = entry.worker
-            others = [(r, p) for r, p in self.pending.items() if p.worker is slot]
-            for r, _ in others:
-                self.pending.pop(r)
-            self._replace(slot)  # a running actor task cannot be cancelled by force: the actor is replaced
+            others = [self.pending.pop(r) for r, _ in self._held_by(entry.worker)]
+            self._replace(entry.worker)  # a running actor task cannot be cancelled by force: the actor is replaced
             overruns = entry.overruns + 1
             if overruns >= MAX_OVERRUNS:
                 message = f"deadline: ran past {self.options.deadline_s:g} s {overruns} times"
                 self.ready.append(Outcome(entry.candidate, None, message, self.options.deadline_s))
             else:
                 self.queue.append((entry.candidate, entry.kills, overruns))
-            for _, other in others:
-                self.queue.appendleft((other.candidate, other.kills, other.overruns))
+            self._requeue_first(others)
+
+    def _held_by(self, slot: WorkerSlot) -> list[tuple[Any, Pending]]:
+        return [(r, p) for r, p in self.pending.items() if p.worker is slot]
+
+    def _requeue_first(self, entries: list[Pending]) -> None:
+        """Put innocent tasks of a replaced worker back at the head of the queue, oldest first."""
+        for entry in sorted(entries, key=lambda p: p.submitted, reverse=True):
+            self.queue.appendleft((entry.candidate, entry.kills, entry.overruns))
 
     def test(self, genome: np.ndarray) -> dict[str, float]:
         import ray

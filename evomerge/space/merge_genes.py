@@ -143,8 +143,9 @@ class MergeGenesSpace:
     def decode(self, genome: np.ndarray) -> dict[str, torch.Tensor]:
         out = {}
         blocks = self.blockmap
+        mergers = [as_merger(self.merge_component(genome, b)) for b in range(len(blocks.blocks))]  # one per block
         for name in self.layout.names:
-            merger = as_merger(self.merge_component(genome, blocks.index(name)))
+            merger = mergers[blocks.index(name)]
             layer = blocks.depth.get(blocks.tensor_blocks[name])
             context = MergeContext(layer=layer, num_layers=blocks.n_layers or None)
             base = None if self.base is None else self.base[name]
