@@ -235,7 +235,10 @@ class RayExecutor:
     def _worker_died(self, entry: Pending, err: Exception) -> None:
         """Requeue everything the dead worker held; blame only the task it was running.
 
-        An actor runs its tasks one at a time in submission order, so the culprit is the oldest.
+        An actor runs its tasks one at a time in submission order, so the culprit is the oldest task
+        without a result. Ray may fail a task that finished just before the death together with the
+        dead actor's queue; that innocent task is then blamed once and retried, costing at most one
+        extra worker replacement. With `in_flight_per_worker: 1` the blame is always exact.
         """
         import ray
 
