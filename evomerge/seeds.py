@@ -70,6 +70,14 @@ def build_seeds(models: ModelsSpec, evaluator: Evaluator, evaluator_key: dict, s
         return [random_genome(layout, models.std, seed, k) for k in range(models.count)]
     if models.init == "specialists":
         return specialists(models, evaluator, evaluator_key)
+    if models.init == "evaluator":
+        provide = getattr(evaluator, "seed_models", None)
+        if provide is None:
+            raise EvomergeError(
+                f"models.init 'evaluator' needs an evaluator that provides its models; {type(evaluator).__name__} "
+                "does not (use models.init: files)"
+            )
+        return [layout.flatten(tensors, source="evaluator seed model") for tensors in provide()]
     return [load_flat(p, layout) for p in models.paths]
 
 

@@ -19,7 +19,7 @@ from evomerge.schema import parse, require, to_plain
 class ModelsSpec:
     """Where the first individuals come from."""
 
-    init: Literal["random", "specialists", "files"] = "random"
+    init: Literal["random", "specialists", "files", "evaluator"] = "random"  # evaluator: its own models
     count: int = 2
     std: float = 0.01
     specialists: list[list[int]] = field(default_factory=lambda: [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]])

@@ -1,4 +1,4 @@
-"""`evomerge run / resume / report / ls`: the command line over specs and run directories."""
+"""`evomerge run / resume / report / front / export / merge / ls`: the command line over specs and runs."""
 
 from __future__ import annotations
 
@@ -14,6 +14,9 @@ EPILOG = """examples:
   evomerge run search_spaces/m2n2_digits_pretrained.yaml --seed 3
   evomerge resume runs/m2n2-digits-scratch                        # continue after Ctrl-C or a crash
   evomerge report runs/m2n2-digits-scratch runs/ga-digits-scratch # table + one comparison plot
+  evomerge run search_spaces/map_mnist_2tasks.yaml               # MAP trade-off front of 2 tasks
+  evomerge front runs/map-mnist-2tasks                            # the front as a table
+  evomerge export runs/map-mnist-2tasks --point 3                 # the merged model of front point 3
   evomerge ls
 """
 
@@ -72,13 +75,37 @@ def _parser() -> argparse.ArgumentParser:
         "export",
         help="write the merged model of a run's individual",
         description="Write one individual of RUN as a safetensors model folder with recipe.json beside it "
-        "(default folder: RUN/export/best or RUN/export/id-ID).",
+        "(default folder: RUN/export/best, RUN/export/id-ID or RUN/export/point-K).",
     )
     export.add_argument("run", metavar="RUN", help="a run directory")
     which = export.add_mutually_exclusive_group()
     which.add_argument("--best", action="store_true", help="the best individual on the search split (default)")
     which.add_argument("--id", type=int, metavar="ID", help="an archive member's id (see journal.jsonl)")
+    which.add_argument("--point", type=int, metavar="K", help="point K of the run's trade-off front (see `evomerge front`)")
     export.add_argument("--out", metavar="DIR", help="output folder (must not exist)")
+
+    front = sub.add_parser(
+        "front",
+        help="print a run's trade-off front",
+        description="Print the non-dominated evaluations of RUN (real objectives on the search split; the "
+        "surrogate's predictions and held-out test values where the run has them), with the hypervolume and "
+        "the candidates dropped because their evaluation failed. Point numbers are what `export --point` takes.",
+    )
+    front.add_argument("run", metavar="RUN", help="a run directory")
+    front.add_argument(
+        "--objectives",
+        metavar="NAME:GOAL,...",
+        help="other metrics to build the front from, e.g. accuracy_low:max,distance:min (default: the strategy's)",
+    )
+    front.add_argument("--plot", action="store_true", help="also redraw front.csv and plots/front.png")
+
+    models = sub.add_parser(
+        "build-models",
+        help="build (or find cached) the seed models a spec starts from",
+        description="Build the models SPEC's search starts from, e.g. the multi-task benchmark's pre-trained and "
+        "fine-tuned backbones or the trained specialists, cache them as safetensors and print where they are.",
+    )
+    models.add_argument("spec", metavar="SPEC", help="path to a search spec")
 
     ls = sub.add_parser(
         "ls", help="list the runs under a folder", description="List run directories with their status and results."
@@ -191,10 +218,68 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from evomerge.runtime.export import export_individual
+    from evomerge.runtime.export import export_front_point, export_individual
 
+    if args.point is not None:
+        out = export_front_point(args.run, args.point, args.out)
+        print(f"exported front point {args.point} to {out}")
+        return 0
     out = export_individual(args.run, args.id, args.out)
     print(f"exported {'individual ' + str(args.id) if args.id is not None else 'the best individual'} to {out}")
+    return 0
+
+
+def _objectives_arg(text: str | None) -> dict[str, str] | None:
+    if not text:
+        return None
+    from evomerge.pareto import check_objectives
+
+    goals = {}
+    for item in text.split(","):
+        name, _, goal = item.strip().partition(":")
+        goals[name] = goal or "max"
+    check_objectives(goals, "--objectives", minimum=1)
+    return goals
+
+
+def cmd_front(args: argparse.Namespace) -> int:
+    from evomerge.report import format_table
+    from evomerge.report.front import front_rows, read_front, write_front
+    from evomerge.store import RunDir
+
+    run = RunDir.open(args.run)
+    goals = _objectives_arg(args.objectives)
+    if args.plot and goals is None:
+        write_front(run)
+    front = read_front(run, goals)
+    reference = ", ".join(f"{k} {v:g}" for k, v in front.reference_natural().items())
+    print(f"{run.path.name}: {len(front.points)} front points of {len(front.evaluated)} evaluated")
+    if front.points:
+        print(format_table(front_rows(front)))
+    print(f"hypervolume {front.hypervolume:.6f} (reference point: {reference})")
+    if front.dropped:
+        print(f"dropped {len(front.dropped)} failed candidates (not on the front):")
+        for cid, error in front.dropped[:20]:
+            print(f"  id {cid}: {error}")
+        if len(front.dropped) > 20:
+            print(f"  ... and {len(front.dropped) - 20} more (see journal.jsonl)")
+    return 0
+
+
+def cmd_build_models(args: argparse.Namespace) -> int:
+    from evomerge.evaluate import EVALUATORS
+    from evomerge.seeds import build_seeds
+    from evomerge.spec import load_spec
+
+    spec = load_spec(args.spec)
+    evaluator = EVALUATORS.build(spec.evaluator)
+    seeds = build_seeds(spec.models, evaluator, spec.evaluator.to_plain(), spec.seed)
+    where = getattr(getattr(evaluator, "models", None), "directory", None)
+    print(f"{len(seeds)} seed models for {spec.name} ({spec.models.init})" + (f" cached in {where}" if where else ""))
+    info = getattr(getattr(evaluator, "models", None), "info", None)
+    if info:
+        for task, accuracy in info["finetuned_accuracy"].items():
+            print(f"  fine-tuned on {task}: val accuracy {accuracy['val']:.4f}, test accuracy {accuracy['test']:.4f}")
     return 0
 
 
@@ -216,6 +301,8 @@ COMMANDS = {
     "report": cmd_report,
     "merge": cmd_merge,
     "export": cmd_export,
+    "front": cmd_front,
+    "build-models": cmd_build_models,
     "ls": cmd_ls,
 }
 

@@ -5,6 +5,6 @@ from evomerge.registry import Registry
 
 EVALUATORS: Registry = Registry("evaluator", allow_import=True)
 
-from evomerge.evaluate import classification, faulty  # noqa: E402,F401  (registers the built-ins)
+from evomerge.evaluate import classification, faulty, multitask  # noqa: E402,F401  (registers the built-ins)
 
 __all__ = ["EVALUATORS", "EvalResult", "Evaluator", "as_result"]

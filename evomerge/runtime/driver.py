@@ -15,6 +15,7 @@ from evomerge.evaluate import EVALUATORS, Evaluator
 from evomerge.runtime.executor import InProcessExecutor
 from evomerge.runtime.manager import SearchManager
 from evomerge.search import STRATEGIES, Strategy
+from evomerge.search.base import ParetoStrategy
 from evomerge.seeds import build_seeds, load_seeds, save_seeds
 from evomerge.space import SPACES, Space
 from evomerge.spec import ExecutorSpec, SearchSpec
@@ -41,7 +42,11 @@ def build_evaluator_and_space(spec: SearchSpec, seeds_dir: Path, fresh_seeds: bo
 def build_parts(run: RunDir, spec: SearchSpec, fresh_seeds: bool) -> tuple[Evaluator, Space, Strategy]:
     """The evaluator, the space over the run's seed models, and a fresh strategy."""
     evaluator, space = build_evaluator_and_space(spec, run.seeds_dir, fresh_seeds)
-    return evaluator, space, STRATEGIES.build(spec.strategy, space=space, seed=spec.seed)
+    strategy = STRATEGIES.build(spec.strategy, space=space, seed=spec.seed)
+    metric_names = getattr(evaluator, "metric_names", None)
+    if isinstance(strategy, ParetoStrategy) and metric_names is not None:
+        strategy.objectives.check_names(metric_names())  # before the first evaluation, not at the first result
+    return evaluator, space, strategy
 
 
 def build_manager(run: RunDir, spec: SearchSpec, budget: int, fresh_seeds: bool, progress: bool) -> SearchManager:
@@ -129,6 +134,12 @@ def finish(run: RunDir, manager: SearchManager, status: str) -> dict[str, Any]:
     from evomerge.report import plot_run
 
     summary["plots"] = plot_run(run)
+    if isinstance(manager.strategy, ParetoStrategy):
+        from evomerge.report.front import write_front
+
+        summary["front"] = write_front(run, manager.executor.test)
+        summary["plots"] += summary["front"].pop("plots")
+        atomic_write_text(run.summary_path, json.dumps(summary, indent=2) + "\n")
     run.update_info(status=status, evaluations=summary["evaluations"])
     return summary
 

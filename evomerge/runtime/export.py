@@ -46,10 +46,29 @@ def export_individual(run_path: str | Path, individual: int | None, out: str | P
             known = ", ".join(map(str, sorted(members))) or "none (this strategy keeps only its best)"
             raise EvomergeError(f"individual {individual} is not in the archive of {run.path}; archive ids: {known}")
         genome = members[individual]
+    return _write_export(run, spec, space, genome, individual, Path(out) if out else run.path / "export" / label)
+
+
+def export_front_point(run_path: str | Path, point: int, out: str | Path | None = None) -> Path:
+    """Write front point `point` (numbered as `evomerge front` prints them) as a safetensors model folder."""
+    from evomerge.report.front import front_genome
+
+    run = RunDir.open(run_path)
+    spec = run.check_spec_unchanged()
+    genome, chosen = front_genome(run, point)
+    _, space, _ = build_parts(run, spec, fresh_seeds=False)
+    target = Path(out) if out else run.path / "export" / f"point-{point}"
+    return _write_export(run, spec, space, genome, chosen.id, target, {"front_point": point})
+
+
+def _write_export(
+    run: RunDir, spec, space, genome: np.ndarray, individual: int | None, out: Path, extra_recipe: dict | None = None
+) -> Path:
     entry = next((e for e in iter_journal(run.journal_path) if e["id"] == individual), None)
     recipe = {
         "run": str(run.path),
         "individual": individual,
+        **(extra_recipe or {}),
         "space": spec.space.to_plain(),
         "seeds": [str(p) for p in sorted(run.seeds_dir.glob("seed_*.safetensors"))],
         "objectives": None if entry is None else entry.get("objectives"),
@@ -64,7 +83,6 @@ def export_individual(run_path: str | Path, individual: int | None, out: str | P
     if plan is not None:  # re-apply with `evomerge merge merge_plan.yaml` (e.g. to full-precision models)
         extra["merge_plan.yaml"] = yaml.safe_dump(plan, sort_keys=False)
     tensors = space.decode(genome)
-    out = Path(out) if out is not None else run.path / "export" / label
     entries = [(n, tuple(t.shape), t.dtype) for n, t in tensors.items()]
     return write_checkpoint(
         out,

@@ -73,3 +73,32 @@ def sample_index(rng: np.random.Generator, weights: np.ndarray) -> int:
     if not total > 0:
         return int(rng.integers(len(weights)))
     return min(int(np.searchsorted(cumulative, rng.random() * total, side="right")), len(weights) - 1)
+
+
+class ParetoStrategy(Strategy):
+    """A multi-objective strategy; `best` is the candidate with the best mean objective (turned so higher is
+    better), a single number for progress lines, while the run's front is read from its journal."""
+
+    def __init__(self, objectives: dict[str, str], seed: int):
+        from evomerge.pareto import Objectives
+
+        super().__init__(seed)
+        self.objectives = Objectives(objectives)
+        self.best_genome: np.ndarray | None = None
+        self.best_value = -np.inf
+
+    def record(self, genome: np.ndarray, minimised: np.ndarray) -> None:
+        if -float(np.mean(minimised)) > self.best_value:
+            self.best_value = -float(np.mean(minimised))
+            self.best_genome = np.asarray(genome).copy()
+
+    def best(self) -> tuple[np.ndarray, float] | None:
+        return None if self.best_genome is None else (self.best_genome, float(self.best_value))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "best_genome": self.best_genome, "best_value": float(self.best_value)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.best_genome = state["best_genome"]
+        self.best_value = float(state["best_value"])

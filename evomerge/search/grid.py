@@ -48,7 +48,8 @@ class GridSearch(Strategy):
         if self.finished:
             return None
         self.next += 1
-        return Proposal(self.points[self.next - 1].astype(np.float32), {"point": self.next - 1})
+        point = self.points[self.next - 1].astype(np.float32)
+        return Proposal(point, {"point": self.next - 1, "genes": [float(v) for v in point]})
 
     def tell(self, candidate: Candidate, result: EvalResult | None) -> None:
         if result is None:
