@@ -65,8 +65,20 @@ def test_density_per_model_and_block_reaches_each_task():
 
 
 def test_unknown_knob_names_the_method_options():
-    with pytest.raises(SpecError, match=r"space\.genes\.densty.*'ties' has no option 'densty'"):
+    with pytest.raises(SpecError, match=r"space\.genes\.densty: no listed method has an option 'densty'.*density"):
         parse(MergeGenesOptions, {"methods": ["ties"], "genes": {"densty": {}}}, "space")
+
+
+def test_a_knob_only_reaches_the_methods_that_have_it():
+    """The operator gene and a `density` gene together: task arithmetic ignores density, TIES uses it."""
+    options = parse(
+        MergeGenesOptions,
+        {"methods": ["task_arithmetic", "ties"], "genes": {"density": {"low": 0.1, "high": 0.9}}, "fixed": {"scale": 1.0}},
+        "space",
+    )
+    s = MergeGenesSpace(options, LAYOUT, SEEDS)
+    assert s.knobs(np.array([0.2, 0.5]), block=0) == {"scale": 1.0}  # gene 0 < 0.5: task arithmetic
+    assert s.knobs(np.array([0.7, 0.5]), block=0) == {"scale": 1.0, "density": pytest.approx(0.5)}  # TIES
 
 
 def test_search_over_merge_genes_end_to_end(tmp_path):

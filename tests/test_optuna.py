@@ -123,8 +123,9 @@ def test_ask_tell_on_a_toy_problem(sampler: str):
     asked = drive(strategy, n, in_flight=3, fail_every=5)
     study = strategy.study
     assert study.directions == [StudyDirection.MINIMIZE, StudyDirection.MAXIMIZE]
-    assert [c.meta for c in asked] == [{"trial": i} for i in range(n)]
-    json.dumps([c.meta for c in asked])
+    assert [c.meta["trial"] for c in asked] == list(range(n))
+    assert all(c.meta["genes"] == c.genome.tolist() for c in asked)
+    assert json.loads(json.dumps([c.meta for c in asked])) == [c.meta for c in asked]
     genomes = np.stack([c.genome for c in asked])
     assert genomes.dtype == np.float32
     if sampler in ("tpe", "gp"):  # uniform crossover may copy a parent: NSGA-II/III can repeat a genome
@@ -199,7 +200,7 @@ def test_tells_in_any_order_with_many_in_flight():
         TrialState.FAIL,
     ]
     more = ask(strategy, 6)  # asking goes on while 1 and 3 are out
-    assert more.meta == {"trial": 6}
+    assert more.meta["trial"] == 6
     strategy.tell(first[3], toy(first[3].genome))
     strategy.tell(more, toy(more.genome))
     strategy.tell(first[1], toy(first[1].genome))
@@ -292,7 +293,7 @@ def optuna_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_cli_run_of_the_optuna_strategy(optuna_run: Path):
     entries, _ = read_journal(optuna_run / "journal.jsonl")
     assert [e["id"] for e in entries] == list(range(30))
-    assert [e["meta"] for e in entries] == [{"trial": i} for i in range(30)]
+    assert [e["meta"]["trial"] for e in entries] == list(range(30))
     assert all(e["status"] == "ok" for e in entries)
     summary = json.loads((optuna_run / "summary.json").read_text())
     means = [(e["objectives"]["accuracy_odd"] + e["objectives"]["accuracy_even"]) / 2 for e in entries]
@@ -364,7 +365,8 @@ def test_mirror_writes_one_trial_per_evaluation_and_is_idempotent(optuna_run: Pa
         t = by_id[e["id"]]
         assert t.state == TrialState.COMPLETE
         assert t.values == [e["objectives"]["accuracy_odd"], e["objectives"]["accuracy_even"]]
-        assert t.user_attrs["meta"] == e["meta"] and t.params == {}
+        assert t.user_attrs["meta"] == {"trial": e["meta"]["trial"]}  # the genes became the params
+        assert t.params == {f"x{i}": g for i, g in enumerate(e["meta"]["genes"])} and len(t.params) == 2
     failed = by_id[30]
     assert failed.state == TrialState.FAIL and failed.values is None
     assert failed.user_attrs["error"] == "EvaluationError: boom"

@@ -12,10 +12,10 @@ import torch
 
 from evomerge.errors import RunDirError
 from evomerge.evaluate import EVALUATORS, Evaluator
+from evomerge.pareto import Objectives
 from evomerge.runtime.executor import InProcessExecutor
 from evomerge.runtime.manager import SearchManager
 from evomerge.search import STRATEGIES, Strategy
-from evomerge.search.base import ParetoStrategy
 from evomerge.seeds import build_seeds, load_seeds, save_seeds
 from evomerge.space import SPACES, Space
 from evomerge.spec import ExecutorSpec, SearchSpec
@@ -44,7 +44,7 @@ def build_parts(run: RunDir, spec: SearchSpec, fresh_seeds: bool) -> tuple[Evalu
     evaluator, space = build_evaluator_and_space(spec, run.seeds_dir, fresh_seeds)
     strategy = STRATEGIES.build(spec.strategy, space=space, seed=spec.seed)
     metric_names = getattr(evaluator, "metric_names", None)
-    if isinstance(strategy, ParetoStrategy) and metric_names is not None:
+    if isinstance(getattr(strategy, "objectives", None), Objectives) and metric_names is not None:
         strategy.objectives.check_names(metric_names())  # before the first evaluation, not at the first result
     return evaluator, space, strategy
 
@@ -134,11 +134,13 @@ def finish(run: RunDir, manager: SearchManager, status: str) -> dict[str, Any]:
     from evomerge.report import plot_run
 
     summary["plots"] = plot_run(run)
-    if isinstance(manager.strategy, ParetoStrategy):
+    if isinstance(getattr(manager.strategy, "objectives", None), Objectives):  # a multi-objective search
         from evomerge.report.front import write_front
+        from evomerge.report.optuna_mirror import mirror_run
 
         summary["front"] = write_front(run, manager.executor.test)
         summary["plots"] += summary["front"].pop("plots")
+        summary["optuna_journal"] = str(mirror_run(run.path))
         atomic_write_text(run.summary_path, json.dumps(summary, indent=2) + "\n")
     run.update_info(status=status, evaluations=summary["evaluations"])
     return summary

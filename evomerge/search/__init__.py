@@ -13,7 +13,17 @@ if TYPE_CHECKING:
 
 STRATEGIES: Registry = Registry("strategy")
 
-from evomerge.search import cma_es, grid, m2n2, map, map_elites, nsga, optuna_search, random_search  # noqa: E402,F401  (registers the built-ins)
+from evomerge.search import (  # noqa: E402,F401  (registers the built-ins)
+    cma_es,
+    grid,
+    m2n2,
+    map,
+    map_elites,
+    nested_map,
+    nsga,
+    optuna_search,
+    random_search,
+)
 
 _NEEDS = {"variation": "crossover and mutation (space 'weights')", "box": "bounded genes (space 'slerp')"}
 

@@ -93,7 +93,8 @@ def _from_iso(text: str | None) -> _dt.datetime | None:
 
 
 class OptunaSearch(Strategy):
-    """One in-memory Optuna study; candidate meta carries the trial number that results are told to."""
+    """One in-memory Optuna study; candidate meta carries the trial number that results are told to
+    (and the genes, as other strategies do, so the journal and its Optuna mirror show parameters)."""
 
     def __init__(self, options: OptunaOptions, space: BoxSpace, seed: int):
         import optuna
@@ -142,7 +143,8 @@ class OptunaSearch(Strategy):
         with _quiet():
             trial = self.study.ask(self.distributions)
         assert trial.number == number, (trial.number, number)
-        return Proposal(self._genome(trial.params), {"trial": trial.number})
+        genome = self._genome(trial.params)
+        return Proposal(genome, {"trial": trial.number, "genes": [float(v) for v in genome]})
 
     def tell(self, candidate: Candidate, result: EvalResult | None) -> None:
         from optuna.trial import TrialState

@@ -47,14 +47,18 @@ class MergeGenesOptions:
 
     def check(self, path: str) -> None:
         require(len(self.methods) >= 1, f"{path}.methods", "needs at least one merge method")
+        fields_of = {}
         for i, name in enumerate(self.methods):
             entry = MERGE_METHODS.entry(name, f"{path}.methods[{i}]")
-            for knob in self.genes:
-                fields = getattr(entry.options, "__dataclass_fields__", {})
+            fields_of[name] = set(getattr(entry.options, "__dataclass_fields__", {}))
+        for section in ("genes", "fixed"):
+            for knob in getattr(self, section):
+                owners = [m for m in self.methods if knob in fields_of[m]]
+                allowed = sorted(set().union(*fields_of.values()) - {"method", "fixed"})
                 require(
-                    knob in fields,
-                    f"{path}.genes.{knob}",
-                    f"method {name!r} has no option {knob!r}; its options: {', '.join(sorted(fields))}",
+                    bool(owners),
+                    f"{path}.{section}.{knob}",
+                    f"no listed method has an option {knob!r}; their options: {', '.join(allowed)}",
                 )
         for knob, gene in self.genes.items():
             if knob not in PER_MODEL_KNOBS:
@@ -100,8 +104,9 @@ class MergeGenesSpace:
         methods = self.options.methods
         return methods[min(len(methods) - 1, int(float(genome[0]) * len(methods)))]
 
-    def knobs(self, genome: np.ndarray, block: int) -> dict[str, Any]:
-        """The option values block `block` gets: genes mapped to their ranges, plus the fixed options."""
+    def knobs(self, genome: np.ndarray, block: int, method: str | None = None) -> dict[str, Any]:
+        """The option values block `block` gets: genes mapped to their ranges, plus the fixed options,
+        keeping only those the method has (a `density` gene means nothing to task arithmetic)."""
         values: dict[str, Any] = dict(self.options.fixed)
         n_models, n_blocks = len(self.models), len(self.blockmap.blocks)
         for knob, gene in self.options.genes.items():
@@ -118,11 +123,12 @@ class MergeGenesSpace:
             if knob == "weights" and not isinstance(value, list):
                 value = [value] * n_models
             values[knob] = value
-        return values
+        fields = getattr(MERGE_METHODS.entry(method or self.method_of(genome), "space").options, "__dataclass_fields__", {})
+        return {k: v for k, v in values.items() if k in fields}
 
     def merge_component(self, genome: np.ndarray, block: int) -> Component:
         method = self.method_of(genome)
-        return MERGE_METHODS.resolve({"name": method, **self.knobs(genome, block)}, "space")
+        return MERGE_METHODS.resolve({"name": method, **self.knobs(genome, block, method)}, "space")
 
     def to_plan(self, genome: np.ndarray, seed_paths: list[str]) -> dict[str, Any]:
         """A merge plan (`evomerge merge`) that applies this genome's merge to the seed checkpoints."""
