@@ -126,7 +126,9 @@ def bench_tasks(d: int, seeds: int, grid_per_axis: int, out: Path, plots: dict) 
         shares, knees, igds, used, sizes, errors = [], [], [], [], [], []
         for seed in range(seeds):
             name = f"{label.replace(' ', '-').replace('+', 'plus')}-{d}-{seed}"
-            run, front = run_front(spec(tasks, {**strategy, "objectives": objectives}, budget, seed, name), out, objectives)
+            run, front = run_front(
+                spec(tasks, {**strategy, "objectives": objectives}, budget, seed, name), out, objectives
+            )
             F = front.minimised(front.points)
             shares.append(hypervolume(F, reference) / grid_hv)
             knees.append(hypervolume(F, knee) / grid_knee)
@@ -262,7 +264,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="2 seeds and coarser grids")
     args = parser.parse_args()
     seeds = 2 if args.quick else 5
-    header = "| tasks | method | real evaluations | HV, ref 0 (% of grid) | HV, ref knee (% of grid) | IGD+ | front size "
+    header = (
+        "| tasks | method | real evaluations | HV, ref 0 (% of grid) | HV, ref knee (% of grid) | IGD+ | front size "
+    )
     header += "| surrogate RMSE |\n|---|---|---|---|---|---|---|---|"
     print(header)
     plots: dict = {}

@@ -73,7 +73,11 @@ def test_a_knob_only_reaches_the_methods_that_have_it():
     """The operator gene and a `density` gene together: task arithmetic ignores density, TIES uses it."""
     options = parse(
         MergeGenesOptions,
-        {"methods": ["task_arithmetic", "ties"], "genes": {"density": {"low": 0.1, "high": 0.9}}, "fixed": {"scale": 1.0}},
+        {
+            "methods": ["task_arithmetic", "ties"],
+            "genes": {"density": {"low": 0.1, "high": 0.9}},
+            "fixed": {"scale": 1.0},
+        },
         "space",
     )
     s = MergeGenesSpace(options, LAYOUT, SEEDS)

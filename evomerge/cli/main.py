@@ -81,7 +81,9 @@ def _parser() -> argparse.ArgumentParser:
     which = export.add_mutually_exclusive_group()
     which.add_argument("--best", action="store_true", help="the best individual on the search split (default)")
     which.add_argument("--id", type=int, metavar="ID", help="an archive member's id (see journal.jsonl)")
-    which.add_argument("--point", type=int, metavar="K", help="point K of the run's trade-off front (see `evomerge front`)")
+    which.add_argument(
+        "--point", type=int, metavar="K", help="point K of the run's trade-off front (see `evomerge front`)"
+    )
     export.add_argument("--out", metavar="DIR", help="output folder (must not exist)")
 
     front = sub.add_parser(

@@ -71,7 +71,12 @@ def task_labels(y: np.ndarray, classes: tuple[int, ...]) -> np.ndarray:
 
 
 def _train(
-    backbone: dict[str, torch.Tensor], head: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor, steps: int, lr: float
+    backbone: dict[str, torch.Tensor],
+    head: dict[str, torch.Tensor],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    steps: int,
+    lr: float,
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     backbone = {k: v.clone().requires_grad_(True) for k, v in backbone.items()}
     head = {k: v.clone().requires_grad_(True) for k, v in head.items()}
@@ -95,7 +100,9 @@ def head_accuracy(
 ) -> float:
     idx = split[np.isin(splits.y[split], classes)]
     with torch.no_grad():
-        logits = torch.addmm(head["bias"], features(backbone, torch.from_numpy(splits.x[idx]), len(backbone) // 2), head["weight"])
+        logits = torch.addmm(
+            head["bias"], features(backbone, torch.from_numpy(splits.x[idx]), len(backbone) // 2), head["weight"]
+        )
     return float((logits.argmax(1).numpy() == task_labels(splits.y[idx], classes)).mean())
 
 

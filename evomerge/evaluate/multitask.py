@@ -97,7 +97,9 @@ class MultiTaskEvaluator:
         self.reference = self.models.info["finetuned_accuracy"]
         self.splits = {
             split: {
-                name: _TaskSplit(splits.x[getattr(splits, split)], splits.y[getattr(splits, split)], classes, self.device)
+                name: _TaskSplit(
+                    splits.x[getattr(splits, split)], splits.y[getattr(splits, split)], classes, self.device
+                )
                 for name, classes in recipe.tasks
             }
             for split in ("val", "test")
@@ -134,13 +136,17 @@ class MultiTaskEvaluator:
             hits.append(correct.cpu().numpy())
             metrics[f"accuracy_{task}"] = float(correct.float().mean())
             metrics[f"loss_{task}"] = float(F.cross_entropy(logits, data.y))
-            metrics[f"normalized_accuracy_{task}"] = metrics[f"accuracy_{task}"] / max(self.reference[task][split], 1e-9)
+            metrics[f"normalized_accuracy_{task}"] = metrics[f"accuracy_{task}"] / max(
+                self.reference[task][split], 1e-9
+            )
         metrics["accuracy"] = float(np.mean([metrics[f"accuracy_{t}"] for t in self.tasks]))
         metrics["loss"] = float(np.mean([metrics[f"loss_{t}"] for t in self.tasks]))
         delta = [params[k] - self.base[k] for k in self._layout.names]
         moved = float(torch.sqrt(sum((d.double() ** 2).sum() for d in delta)))
         metrics["distance"] = moved / max(self.base_norm, 1e-12)
-        unchanged = sum(int((d.abs() <= 1e-7 * (1 + self.base[k].abs())).sum()) for d, k in zip(delta, self._layout.names))
+        unchanged = sum(
+            int((d.abs() <= 1e-7 * (1 + self.base[k].abs())).sum()) for d, k in zip(delta, self._layout.names)
+        )
         metrics["sparsity"] = unchanged / self._layout.size
         return metrics, np.concatenate(hits).astype(np.float32)
 

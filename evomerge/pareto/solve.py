@@ -24,7 +24,8 @@ class _CallableProblem(Problem):
 
 
 def many_objective_algorithm(n_obj: int, pop_size: int):
-    """NSGA-II up to 3 objectives; NSGA-III with Das-Dennis directions beyond (crowding distance stops spreading there)."""
+    """NSGA-II up to 3 objectives; NSGA-III with Das-Dennis directions beyond, where crowding distance
+    stops spreading the front."""
     if n_obj <= 3:
         return NSGA2(pop_size=pop_size)
     partitions = 1

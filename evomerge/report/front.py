@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import yaml
 
 from evomerge.errors import EvomergeError
 from evomerge.pareto import Objectives, hypervolume, non_dominated
@@ -51,15 +52,22 @@ class RunFront:
 
 
 def run_objectives(run: RunDir, override: dict[str, str] | None = None) -> dict[str, str]:
-    """The strategy's objectives, unless the user names others (any metric the evaluator journaled)."""
+    """The objectives a run searched: the strategy's `objectives`, else its single `objective`, else accuracy.
+
+    Read from the raw spec.yaml, so runs of user strategies that cannot be imported here still work.
+    """
     if override:
         return override
-    options = run.load_spec().strategy.options
-    goals = getattr(options, "objectives", None)
-    if not goals:
-        objective = getattr(options, "objective", "accuracy")
-        return {objective: "max"}
-    return dict(goals)
+    spec = yaml.safe_load(run.spec_path.read_text()) or {}
+    strategy = spec.get("strategy")
+    if isinstance(strategy, dict):
+        objectives = strategy.get("objectives")
+        if isinstance(objectives, dict) and objectives:
+            return {str(k): str(v) for k, v in objectives.items()}
+        objective = strategy.get("objective")
+        if isinstance(objective, str):
+            return {objective: "max" if strategy.get("maximize", True) else "min"}
+    return {"accuracy": "max"}
 
 
 def default_reference(objectives: Objectives, F: np.ndarray) -> np.ndarray:
@@ -107,7 +115,9 @@ def _attach_test_metrics(run: RunDir, front: list[FrontPoint]) -> None:
         rows = {int(r["id"]): r for r in csv.DictReader(f)}
     for point in front:
         row = rows.get(point.id, {})
-        point.test = {k[len("test_") :]: float(v) for k, v in row.items() if k.startswith("test_") and v not in ("", None)}
+        point.test = {
+            k[len("test_") :]: float(v) for k, v in row.items() if k.startswith("test_") and v not in ("", None)
+        }
 
 
 def write_front(run: RunDir, test: Callable[[np.ndarray], dict[str, float]] | None = None) -> dict[str, Any]:
@@ -152,7 +162,9 @@ def front_rows(front: RunFront) -> list[dict[str, str]]:
         row = {"point": str(k), "id": str(p.id)}
         row.update({n: f"{p.values[n]:.4f}" for n in front.objectives.names})
         if any(q.predicted for q in front.points):
-            row.update({f"pred {n}": "-" if not p.predicted else f"{p.predicted[n]:.4f}" for n in front.objectives.names})
+            row.update(
+                {f"pred {n}": "-" if not p.predicted else f"{p.predicted[n]:.4f}" for n in front.objectives.names}
+            )
         row.update({f"test {n}": f"{p.test[n]:.4f}" for n in front.objectives.names if n in p.test})
         if p.genes is not None:
             row["genes"] = " ".join(f"{g:.3f}" for g in p.genes[:8]) + (" …" if len(p.genes) > 8 else "")
@@ -164,9 +176,10 @@ def front_genome(run: RunDir, point: int) -> tuple[np.ndarray, FrontPoint]:
     """The genes of front point `point` as `evomerge front` numbers them."""
     front = read_front(run)
     if not 0 <= point < len(front.points):
-        raise EvomergeError(f"--point {point} is not on the front of {run.path}; it has points 0..{len(front.points) - 1}")
+        raise EvomergeError(
+            f"--point {point} is not on the front of {run.path}; it has points 0..{len(front.points) - 1}"
+        )
     chosen = front.points[point]
     if chosen.genes is None:
         raise EvomergeError(f"the strategy of {run.path} does not journal genes, so front points cannot be exported")
     return np.asarray(chosen.genes, dtype=np.float64), chosen
-

@@ -52,12 +52,20 @@ def plot_front(run: RunDir, front: RunFront, reference_front: np.ndarray | None 
         for ax, (i, j) in zip(axes[0], pairs):
             pair_signs = signs[[i, j]]
             ax.scatter(everything[:, i], everything[:, j], s=12, color="0.6", label="evaluated")
-            shade_dominated(ax, on_front[:, [i, j]], front.reference[[i, j]], pair_signs, color="tab:blue", label="front")
+            shade_dominated(
+                ax, on_front[:, [i, j]], front.reference[[i, j]], pair_signs, color="tab:blue", label="front"
+            )
             ax.scatter(on_front[:, i], on_front[:, j], s=28, color="tab:blue", zorder=3)
             if reference_front is not None:
                 shade_dominated(
-                    ax, reference_front[:, [i, j]], front.reference[[i, j]], pair_signs, color="k", alpha=0.0,
-                    linestyle="--", label="reference front",
+                    ax,
+                    reference_front[:, [i, j]],
+                    front.reference[[i, j]],
+                    pair_signs,
+                    color="k",
+                    alpha=0.0,
+                    linestyle="--",
+                    label="reference front",
                 )
             ax.set_xlabel(f"{names[i]} ({front.objectives.goals[names[i]]})")
             ax.set_ylabel(f"{names[j]} ({front.objectives.goals[names[j]]})")

@@ -14,27 +14,12 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from evomerge.errors import EvomergeError
 from evomerge.pareto.objectives import Objectives
+from evomerge.report.front import run_objectives
 from evomerge.store import RunDir, read_journal
 
 MIRROR_FILE = "optuna.journal"
-
-
-def run_objectives(run: RunDir) -> dict[str, str]:
-    """The objectives a run searched: the strategy's `objectives`, else its single `objective`, else accuracy."""
-    spec = yaml.safe_load(run.spec_path.read_text()) or {}
-    strategy = spec.get("strategy")
-    if isinstance(strategy, dict):
-        objectives = strategy.get("objectives")
-        if isinstance(objectives, dict) and objectives:
-            return {str(k): str(v) for k, v in objectives.items()}
-        objective = strategy.get("objective")
-        if isinstance(objective, str):
-            return {objective: "max" if strategy.get("maximize", True) else "min"}
-    return {"accuracy": "max"}
 
 
 def _params(meta: dict[str, Any]) -> tuple[dict[str, float], dict[str, Any]]:

@@ -45,7 +45,11 @@ class MapOptions:
     def check(self, path: str) -> None:
         check_objectives(self.objectives, f"{path}.objectives")
         for name in self.links:
-            require(name in self.objectives, f"{path}.links.{name}", f"not an objective; objectives: {', '.join(self.objectives)}")
+            require(
+                name in self.objectives,
+                f"{path}.links.{name}",
+                f"not an objective; objectives: {', '.join(self.objectives)}",
+            )
         if self.design_points is not None:
             require(self.design_points >= 1, f"{path}.design_points", f"got {self.design_points}, must be >= 1")
         require(self.front_points >= 1, f"{path}.front_points", f"got {self.front_points}, must be >= 1")
@@ -282,6 +286,8 @@ class MapSearch(ParetoStrategy):
         self.engine.load_state_dict(state["engine"])
 
 
-@STRATEGIES.register("map", MapOptions, "MAP: quadratic surrogates, NSGA on them, the predicted front evaluated", {"box"})
+@STRATEGIES.register(
+    "map", MapOptions, "MAP: quadratic surrogates, NSGA on them, the predicted front evaluated", {"box"}
+)
 def build_map(options: MapOptions, space: BoxSpace, seed: int) -> MapSearch:
     return MapSearch(options, space, seed)

@@ -46,7 +46,9 @@ class NestedMapOptions:
             for i, weight in enumerate(self.preference):
                 require(weight >= 0, f"{path}.preference[{i}]", f"got {weight}; weights must be >= 0")
             require(sum(self.preference) > 0, f"{path}.preference", "the weights must not all be zero")
-        require(self.design_points >= 6, f"{path}.design_points", f"got {self.design_points}; a 2-gene quadratic needs >= 6")
+        require(
+            self.design_points >= 6, f"{path}.design_points", f"got {self.design_points}; a 2-gene quadratic needs >= 6"
+        )
         require(self.front_points >= 1, f"{path}.front_points", f"got {self.front_points}, must be >= 1")
 
 
@@ -101,7 +103,9 @@ class NestedMapSearch(ParetoStrategy):
             scores = engine.Y @ np.array([wa, wb])
             alpha, beta = engine.X[int(np.argmin(scores))]
             merged.append((np.clip(alpha * va + beta * vb, self.low, self.high), sorted(ta + tb)))
-            self.choices.append({"level": self.level, "tasks": sorted(ta + tb), "coefficients": [float(alpha), float(beta)]})
+            self.choices.append(
+                {"level": self.level, "tasks": sorted(ta + tb), "coefficients": [float(alpha), float(beta)]}
+            )
             used |= {a, b}
         carried = [g for i, g in enumerate(self.groups) if i not in used]
         self.groups = merged + carried
@@ -168,7 +172,9 @@ class NestedMapSearch(ParetoStrategy):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self.level = int(state["level"])
-        self.groups = [(np.asarray(v), [int(t) for t in ts]) for v, ts in zip(state["group_vectors"], state["group_tasks"])]
+        self.groups = [
+            (np.asarray(v), [int(t) for t in ts]) for v, ts in zip(state["group_vectors"], state["group_tasks"])
+        ]
         self.pairs = [(int(a), int(b)) for a, b in state["pairs"]]
         self.engines = [
             MapRounds(self.pair_options, np.zeros(2), np.ones(2), np.ones(2), self.seed + 1000 * self.level + k)
@@ -179,6 +185,8 @@ class NestedMapSearch(ParetoStrategy):
         self.choices = list(state["choices"])
 
 
-@STRATEGIES.register("nested_map", NestedMapOptions, "nested MAP: 2-task MAPs per pair, merged by preference, recursively", {"box"})
+@STRATEGIES.register(
+    "nested_map", NestedMapOptions, "nested MAP: 2-task MAPs per pair, merged by preference, recursively", {"box"}
+)
 def build_nested_map(options: NestedMapOptions, space: BoxSpace, seed: int) -> NestedMapSearch:
     return NestedMapSearch(options, space, seed)

@@ -123,7 +123,9 @@ class MergeGenesSpace:
             if knob == "weights" and not isinstance(value, list):
                 value = [value] * n_models
             values[knob] = value
-        fields = getattr(MERGE_METHODS.entry(method or self.method_of(genome), "space").options, "__dataclass_fields__", {})
+        fields = getattr(
+            MERGE_METHODS.entry(method or self.method_of(genome), "space").options, "__dataclass_fields__", {}
+        )
         return {k: v for k, v in values.items() if k in fields}
 
     def merge_component(self, genome: np.ndarray, block: int) -> Component:
