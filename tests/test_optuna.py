@@ -330,6 +330,7 @@ def load_mirror(path: Path, name: str) -> optuna.Study:
 def test_mirror_writes_one_trial_per_evaluation_and_is_idempotent(optuna_run: Path, tmp_path: Path):
     run = tmp_path / "opt"
     shutil.copytree(optuna_run, run)
+    (run / "optuna.journal").unlink()  # the finished run's own mirror: start this test's from nothing
     journal = run / "journal.jsonl"
     lines = journal.read_bytes().splitlines(keepends=True)
     journal.write_bytes(b"".join(lines[:12]))  # a run still going: only 12 entries so far
@@ -397,5 +398,6 @@ def test_mirror_of_a_run_without_entries_is_none(optuna_run: Path, tmp_path: Pat
     run = tmp_path / "empty"
     shutil.copytree(optuna_run, run)
     (run / "journal.jsonl").unlink()
+    (run / "optuna.journal").unlink()
     assert mirror_run(run) is None
     assert not (run / "optuna.journal").exists()

@@ -157,15 +157,18 @@ def write_front(run: RunDir, test: Callable[[np.ndarray], dict[str, float]] | No
 
 def front_rows(front: RunFront) -> list[dict[str, str]]:
     """Rows for the `evomerge front` table."""
+    names = front.objectives.names
+    predicted = [n for n in names if any(n in (q.predicted or {}) for q in front.points)]
+    tested = [n for n in names if any(n in q.test for q in front.points)]
+
+    def cell(values: dict[str, float] | None, name: str) -> str:
+        return f"{values[name]:.4f}" if values and name in values else "-"
+
     rows = []
     for k, p in enumerate(front.points):
-        row = {"point": str(k), "id": str(p.id)}
-        row.update({n: f"{p.values[n]:.4f}" for n in front.objectives.names})
-        if any(q.predicted for q in front.points):
-            row.update(
-                {f"pred {n}": "-" if not p.predicted else f"{p.predicted[n]:.4f}" for n in front.objectives.names}
-            )
-        row.update({f"test {n}": f"{p.test[n]:.4f}" for n in front.objectives.names if n in p.test})
+        row = {"point": str(k), "id": str(p.id), **{n: cell(p.values, n) for n in names}}
+        row.update({f"pred {n}": cell(p.predicted, n) for n in predicted})
+        row.update({f"test {n}": cell(p.test, n) for n in tested})
         if p.genes is not None:
             row["genes"] = " ".join(f"{g:.3f}" for g in p.genes[:8]) + (" …" if len(p.genes) > 8 else "")
         rows.append(row)

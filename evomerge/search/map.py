@@ -104,6 +104,7 @@ class MapRounds:
         self.next_point = 0
         self.cv_rmse = np.full(m, np.nan)
         self.surrogates: list[QuadraticSurrogate] = []
+        self.fitted_points = 0  # the last fit used the first `fitted_points` rows of X, Y (tell order)
 
     @property
     def finished(self) -> bool:
@@ -113,7 +114,8 @@ class MapRounds:
         if not len(self.queue):
             if self.pending or self.finished:
                 return None  # a round is told completely before the next is planned
-            self._plan_next_round(rng)
+            while not len(self.queue) and self.round < len(self.rounds) - 1:
+                self._plan_next_round(rng)  # a round can come out empty (nothing new on the predicted front)
             if not len(self.queue):
                 return None
         x, predicted = self.queue[0], self.queue_predicted[0]
@@ -140,6 +142,7 @@ class MapRounds:
         links = list(self.options.links.get(name, "auto") for name in self._names())
         self.surrogates = [QuadraticSurrogate(links[j]).fit(self.X, self.Y[:, j]) for j in range(self.Y.shape[1])]
         self.cv_rmse = np.array([s.cv_rmse for s in self.surrogates])
+        self.fitted_points = len(self.X)
 
     def _names(self) -> list[str]:
         names = list(self.options.objectives)
@@ -175,7 +178,8 @@ class MapRounds:
             generations=self.options.generations,
             extra=self.X,
         )
-        fresh = np.min(np.linalg.norm(candidates[:, None, :] - self.X[None, :, :], axis=2), axis=1) > 1e-6
+        gaps = np.abs(candidates[:, None, :] - self.X[None, :, :]) / (self.high - self.low)
+        fresh = gaps.max(axis=2).min(axis=1) > 1e-3  # not a (near) repeat of an evaluated point
         candidates, F = candidates[fresh], F[fresh]
         if self.options.acquisition == "hypervolume":
             known = self.Y * self.signs
@@ -229,6 +233,8 @@ class MapRounds:
             "pending_keys": keys,
             "pending_points": np.array([self.pending[k] for k in keys]).reshape(len(keys), len(self.low)),
             "next_point": self.next_point,
+            "fitted_points": self.fitted_points,
+            "seed": self.seed,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -238,13 +244,19 @@ class MapRounds:
         self.queue, self.queue_predicted = np.asarray(state["queue"]), np.asarray(state["queue_predicted"])
         self.pending = {int(k): np.asarray(x) for k, x in zip(state["pending_keys"], state["pending_points"])}
         self.next_point = int(state["next_point"])
-        if self.round >= 1 and len(self.X) >= n_parameters(self.X.shape[1]):
-            self.fit()  # the surrogates are a function of the points, so they are rebuilt, not stored
+        self.seed = int(state["seed"])
+        fitted = int(state["fitted_points"])
+        if fitted:  # the surrogates are a function of the points they saw, so they are refitted, not stored
+            everything = self.X, self.Y
+            self.X, self.Y = self.X[:fitted], self.Y[:fitted]
+            self.fit()
+            self.X, self.Y = everything
 
     def stats(self) -> dict[str, float]:
         out: dict[str, float] = {"round": self.round, "points": len(self.X), "failed": self.failed}
         for name, err in zip(self._names(), self.cv_rmse):
-            out[f"cv_rmse_{name}"] = float(err)
+            if np.isfinite(err):  # NaN until a fit has points to hold out
+                out[f"cv_rmse_{name}"] = float(err)
         return out
 
 

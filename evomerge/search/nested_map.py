@@ -167,10 +167,12 @@ class NestedMapSearch(ParetoStrategy):
             "pairs": [list(p) for p in self.pairs],
             "engines": [e.state_dict() for e in self.engines],
             "choices": self.choices,
+            "seed": self.seed,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
+        self.seed = int(state["seed"])
         self.level = int(state["level"])
         self.groups = [
             (np.asarray(v), [int(t) for t in ts]) for v, ts in zip(state["group_vectors"], state["group_tasks"])

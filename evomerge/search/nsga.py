@@ -88,6 +88,7 @@ class NsgaSearch(ParetoStrategy):
         for batch in list(self.batches):
             if self.outstanding.get(batch, 0) == 0 and batch not in waiting:
                 self.batches.pop(batch)
+                self.outstanding.pop(batch, None)
 
     # ask/tell -------------------------------------------------------------------------------
     def ask(self) -> Proposal | None:
@@ -128,11 +129,13 @@ class NsgaSearch(ParetoStrategy):
             outstanding={str(b): n for b, n in self.outstanding.items()},
             X=self.X,
             F=self.F,
+            seed=self.seed,
         )
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
+        self.seed = int(state["seed"])  # pymoo's replay must use the seed the log was made with
         self._start()
         for event in state["events"]:
             if event[0] == "ask":
