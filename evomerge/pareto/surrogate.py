@@ -82,32 +82,39 @@ class QuadraticSurrogate:
         self.coef: np.ndarray | None = None
         self.cv_rmse = float("nan")
 
-    def fit(self, X: np.ndarray, y: np.ndarray, cross_validate: bool = True) -> QuadraticSurrogate:
+    def fit(
+        self, X: np.ndarray, y: np.ndarray, cross_validate: bool = True, weights: np.ndarray | None = None
+    ) -> QuadraticSurrogate:
+        """`weights` (one per point, > 0) make the fit more accurate where they are large, e.g. near the front."""
         X, y = np.atleast_2d(np.asarray(X, dtype=np.float64)), np.asarray(y, dtype=np.float64)
         require_points(X.shape[1], len(y))
         if self.link == "auto":
             self.link = choose_link(y)
-        self.coef = self._solve(quadratic_features(X), y)
+        w = np.ones(len(y)) if weights is None else np.asarray(weights, dtype=np.float64)
+        self.coef = self._solve(quadratic_features(X), y, w)
         if cross_validate:
-            self.cv_rmse = self._cross_validated_rmse(X, y)
+            self.cv_rmse = self._cross_validated_rmse(X, y, w)
         return self
 
-    def _solve(self, Phi: np.ndarray, y: np.ndarray) -> np.ndarray:
+    def _solve(self, Phi: np.ndarray, y: np.ndarray, w: np.ndarray) -> np.ndarray:
         """Least squares on the link's inverse as a start, then Gauss-Newton-type refinement on the real residuals."""
         reg = np.sqrt(self.ridge) * np.eye(Phi.shape[1])
-        start, *_ = np.linalg.lstsq(np.vstack([Phi, reg]), np.concatenate([_inverse(self.link, y), np.zeros(len(reg))]))
+        root = np.sqrt(w)
+        start, *_ = np.linalg.lstsq(
+            np.vstack([Phi * root[:, None], reg]), np.concatenate([_inverse(self.link, y) * root, np.zeros(len(reg))])
+        )
         if self.link == "identity":
             return start
 
         def residuals(beta: np.ndarray) -> np.ndarray:
-            return np.concatenate([_forward(self.link, Phi @ beta) - y, reg @ beta])
+            return np.concatenate([(_forward(self.link, Phi @ beta) - y) * root, reg @ beta])
 
         def jacobian(beta: np.ndarray) -> np.ndarray:
-            return np.vstack([Phi * _derivative(self.link, Phi @ beta)[:, None], reg])
+            return np.vstack([Phi * (_derivative(self.link, Phi @ beta) * root)[:, None], reg])
 
         return least_squares(residuals, start, jac=jacobian, method="lm" if len(y) >= Phi.shape[1] else "trf").x
 
-    def _cross_validated_rmse(self, X: np.ndarray, y: np.ndarray) -> float:
+    def _cross_validated_rmse(self, X: np.ndarray, y: np.ndarray, w: np.ndarray) -> float:
         """Leave-one-out up to 40 points, 10-fold beyond; NaN when too few points to hold any out."""
         n, need = len(y), n_parameters(X.shape[1])
         if n <= need:
@@ -119,7 +126,7 @@ class QuadraticSurrogate:
             held = folds == fold
             if (~held).sum() < need:
                 return float("nan")
-            coef = self._solve(Phi[~held], y[~held])
+            coef = self._solve(Phi[~held], y[~held], w[~held])
             errors[held] = _forward(self.link, Phi[held] @ coef) - y[held]
         return float(np.sqrt(np.mean(errors**2)))
 

@@ -16,7 +16,7 @@ import numpy as np
 
 from evomerge.errors import SpecError
 from evomerge.evaluate.base import EvalResult
-from evomerge.pareto import check_objectives
+from evomerge.pareto import check_objectives, non_dominated
 from evomerge.pareto.design import vertices_and_sobol
 from evomerge.pareto.solve import front_of, hypervolume_greedy, spread_out
 from evomerge.pareto.surrogate import Link, QuadraticSurrogate, n_parameters, require_points
@@ -75,6 +75,19 @@ def directions(d: int, bins: int, seed: int) -> np.ndarray:
         return np.stack([np.cos(angles), np.sin(angles)], axis=1)
     raw = np.abs(np.random.default_rng(seed).standard_normal((bins, d)))
     return raw / np.linalg.norm(raw, axis=1, keepdims=True)
+
+
+def front_weights(F: np.ndarray) -> np.ndarray:
+    """1 / (1 + non-domination rank): the front-aware variant fits best where the front is."""
+    rank = np.zeros(len(F))
+    remaining = np.arange(len(F))
+    level = 0
+    while len(remaining):
+        mask = non_dominated(F[remaining])
+        rank[remaining[mask]] = level
+        remaining = remaining[~mask]
+        level += 1
+    return 1.0 / (1.0 + rank)
 
 
 class MapRounds:
@@ -140,7 +153,10 @@ class MapRounds:
     def fit(self) -> None:
         require_points(self.X.shape[1], len(self.X), self.failed)
         links = list(self.options.links.get(name, "auto") for name in self._names())
-        self.surrogates = [QuadraticSurrogate(links[j]).fit(self.X, self.Y[:, j]) for j in range(self.Y.shape[1])]
+        weights = front_weights(self.Y * self.signs) if self.options.acquisition == "hypervolume" else None
+        self.surrogates = [
+            QuadraticSurrogate(links[j]).fit(self.X, self.Y[:, j], weights=weights) for j in range(self.Y.shape[1])
+        ]
         self.cv_rmse = np.array([s.cv_rmse for s in self.surrogates])
         self.fitted_points = len(self.X)
 
