@@ -20,7 +20,9 @@ from evomerge.cli import main
 from evomerge.store import read_journal
 
 ROOT = Path(__file__).resolve().parents[1]
-SPECS = sorted((ROOT / "search_spaces").glob("*.yaml"))
+ALL_SPECS = sorted((ROOT / "search_spaces").glob("*.yaml"))
+SPECS = [p for p in ALL_SPECS if yaml.safe_load(p.read_text())["evaluator"]["name"] == "classification"]
+FRONT_SPECS = [p for p in ALL_SPECS if p not in SPECS]  # the multi-task benchmark's multi-objective searches
 PNG = b"\x89PNG\r\n\x1a\n"
 # digits: 64 features, 10 classes; every shipped spec uses hidden [256]
 DIGITS_SHAPES = {
@@ -169,9 +171,36 @@ def test_run_each_shipped_spec(spec_path, tmp_path, capsys):
         }
 
 
+@pytest.mark.parametrize("spec_path", FRONT_SPECS, ids=[p.stem for p in FRONT_SPECS])
+def test_run_each_shipped_front_spec(spec_path, tmp_path, capsys):
+    spec = yaml.safe_load(spec_path.read_text())
+    out, err = run_cli(capsys, ["run", str(spec_path), "--budget", "40", "--quiet", "--output", str(tmp_path)])
+    run = tmp_path / spec["name"]
+    assert err.startswith(f"run {spec['name']}: {spec['strategy']['name']} on multitask, budget 40 evaluations")
+    summary = json.loads((run / "summary.json").read_text())
+    natural_size = {"map_mnist_2tasks": 22}.get(spec_path.stem, 40)  # the 2-task MAP ends after 12 + 10 points
+    assert summary["status"] == "finished" and summary["evaluations"] == min(40, natural_size)
+    assert summary["failures"] == 0 and summary["front"]["size"] >= 1
+    objectives = list(spec["strategy"]["objectives"])
+    with open(run / "front.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == summary["front"]["size"] and set(objectives) <= set(rows[0])
+    assert (run / "plots" / "front.png").read_bytes().startswith(PNG)
+    assert (run / "optuna.journal").is_file()
+    best = load_file(str(run / "best.safetensors"))  # merged backbones: 784 -> 128 -> 64
+    assert {k: tuple(v.shape) for k, v in best.items()} == {
+        "layers.0.weight": (784, 128),
+        "layers.0.bias": (128,),
+        "layers.1.weight": (128, 64),
+        "layers.1.bias": (64,),
+    }
+    out, _ = run_cli(capsys, ["front", str(run)])
+    assert f"{spec['name']}: {len(rows)} front points of {summary['evaluations']} evaluated" in out
+
+
 def test_shipped_specs_are_all_covered():
-    assert len(SPECS) >= 12
-    names = [yaml.safe_load(p.read_text())["name"] for p in SPECS]
+    assert len(SPECS) >= 12 and len(FRONT_SPECS) >= 5
+    names = [yaml.safe_load(p.read_text())["name"] for p in ALL_SPECS]
     assert len(set(names)) == len(names)
 
 
