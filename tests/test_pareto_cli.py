@@ -370,3 +370,23 @@ def test_build_models_prints_the_cache_and_the_fine_tuned_accuracies(tmp_path: P
         assert line == f"  fine-tuned on {task}: {expected}"
         assert accuracy["val"] > 0.8 and not math.isnan(accuracy["test"])
     assert len(out) == 3
+
+
+def test_map_trades_accuracy_against_a_cost_term(tmp_path: Path, capsys):
+    """A cost objective (distance from the base, minimised) with a softplus link next to an accuracy."""
+    strategy = {
+        "name": "map",
+        "objectives": {"accuracy": "max", "distance": "min"},
+        "links": {"distance": "softplus"},
+        "front_points": 6,
+    }
+    assert main(["run", write(tmp_path, mnist_spec(tmp_path, "cost", strategy, 18)), "--quiet"]) == 0
+    run = tmp_path / "runs" / "cost"
+    rows = read_csv(run / "front.csv")
+    accuracy = [float(r["accuracy"]) for r in rows]
+    distance = [float(r["distance"]) for r in rows]
+    assert len(rows) >= 3 and min(distance) < 1e-6  # (near) the base itself: all coefficients 0 cost nothing
+    order = np.argsort(distance)
+    assert np.all(np.diff(np.array(accuracy)[order]) > 0)  # along the front, more accuracy costs more distance
+    stats = json.loads((run / "summary.json").read_text())["final_stats"]
+    assert stats["cv_rmse_distance"] < 0.05  # ‖c1 τ1 + c2 τ2‖ / ‖θ0‖ is smooth in c: the surrogate fits it
