@@ -12,7 +12,7 @@ evaluations used, and the surrogate's RMSE along the predicted front. Then wider
 fronts compared with the task-level grid front. Every run goes through the real driver
 (in-process executor), and every front is read back from its run directory.
 
-    python benchmarks/pareto.py            # about 8 minutes on 2 cores
+    python benchmarks/pareto.py            # about 9 minutes on 2 cores
     python benchmarks/pareto.py --quick    # 2 seeds, coarser grids
 """
 
