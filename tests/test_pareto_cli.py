@@ -390,3 +390,29 @@ def test_map_trades_accuracy_against_a_cost_term(tmp_path: Path, capsys):
     assert np.all(np.diff(np.array(accuracy)[order]) > 0)  # along the front, more accuracy costs more distance
     stats = json.loads((run / "summary.json").read_text())["final_stats"]
     assert stats["cv_rmse_distance"] < 0.05  # ‖c1 τ1 + c2 τ2‖ / ‖θ0‖ is smooth in c: the surrogate fits it
+
+
+def test_optuna_dashboard_reads_the_mirror(map_run: Path):
+    """optuna-dashboard's own WSGI app (no server, no browser) lists the run's study and its trials."""
+    dashboard = pytest.importorskip("optuna_dashboard")
+    from wsgiref.util import setup_testing_defaults
+
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    app = dashboard.wsgi(JournalStorage(JournalFileBackend(str(map_run / "optuna.journal"))))
+
+    def get(path: str) -> dict:
+        environ: dict = {"PATH_INFO": path, "QUERY_STRING": "after=0"}
+        setup_testing_defaults(environ)
+        status: list[str] = []
+        body = b"".join(app(environ, lambda s, headers, exc_info=None: status.append(s)))
+        assert status[0].startswith("200")
+        return json.loads(body)
+
+    (study,) = get("/api/studies")["study_summaries"]
+    assert study["study_name"] == map_run.name and study["directions"] == ["maximize", "maximize"]
+    trials = get(f"/api/studies/{study['study_id']}")["trials"]
+    entries, _ = read_journal(map_run / "journal.jsonl")
+    assert len(trials) == len(entries) == 22
+    assert {p["name"] for p in trials[0]["params"]} == {"x0", "x1"}
