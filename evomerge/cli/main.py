@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -319,6 +320,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("evomerge: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # e.g. `evomerge front RUN | head`: the reader left, which is not an error
+        sys.stdout = open(os.devnull, "w")  # keeps the interpreter's exit-time flush quiet
+        return 0
 
 
 if __name__ == "__main__":
