@@ -65,9 +65,9 @@ def run_front(spec_dict: dict, out: Path, objectives: dict[str, str]):
 
 def methods(d: int) -> dict[str, dict[str, Any]]:
     """Strategy blocks at the budget (d+1)(d+2) + 10. All MAP variants share the (d+1)(d+2)-point design (same
-    seed, same points); Bayesian MAP then adds batches of 3 and 3 (the paper's schedule after its design) and
-    4 front points, the hypervolume variant one batch of 5 and 5 front points, both chosen by predicted
-    hypervolume gain over the real front."""
+    seed, same points). Bayesian MAP then adds batches of 3 and 3 where the surrogate fits worst (the paper's
+    schedule after its design) and 4 front points; the hypervolume variant adds one batch of 5 and 5 front
+    points, chosen by predicted hypervolume gain over the real front."""
     design = (d + 1) * (d + 2)
     return {
         "MAP": {"name": "map"},

@@ -416,3 +416,41 @@ def test_optuna_dashboard_reads_the_mirror(map_run: Path):
     entries, _ = read_journal(map_run / "journal.jsonl")
     assert len(trials) == len(entries) == 22
     assert {p["name"] for p in trials[0]["params"]} == {"x0", "x1"}
+
+
+def test_export_point_numbers_the_front_like_front_objectives(map_run: Path, tmp_path: Path, capsys):
+    """`front --objectives` renumbers the points; `export --point K --objectives` follows the same numbering."""
+    goals = "accuracy_high:max,accuracy_low:max"
+    assert main(["front", str(map_run), "--objectives", goals]) == 0
+    table = capsys.readouterr().out.splitlines()
+    first = next(line for line in table if line.startswith("0 "))
+    first_id = int(first.split()[1])
+    out = tmp_path / "p0"
+    assert main(["export", str(map_run), "--point", "0", "--objectives", goals, "--out", str(out)]) == 0
+    assert json.loads((out / "recipe.json").read_text())["individual"] == first_id
+
+
+def test_single_objective_random_run_finishes_with_its_plot(tmp_path: Path):
+    strategy = {"name": "random", "objectives": {"accuracy": "max"}}
+    assert main(["run", write(tmp_path, mnist_spec(tmp_path, "one", strategy, 6)), "--quiet"]) == 0
+    run = tmp_path / "runs" / "one"
+    assert json.loads((run / "run.json").read_text())["status"] == "finished"
+    assert (run / "plots" / "front.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_unknown_objective_of_the_classification_evaluator_is_refused_before_evaluating(tmp_path: Path, capsys):
+    spec = {
+        "name": "bad",
+        "budget": 5,
+        "output": str(tmp_path / "runs"),
+        "evaluator": {"name": "classification", "dataset": "wine", "hidden": [4], "device": "cpu"},
+        "models": {"init": "random", "count": 3},
+        "space": {"name": "merge", "genes": {"weights": {"per": "model"}}, "fixed": {"scale": 1.0}},
+        "strategy": {"name": "nsga", "objectives": {"accuracy_od": "max", "accuracy_even": "max"}},
+        "runtime": {"progress": False},
+    }
+    assert main(["run", write(tmp_path, spec)]) == 2
+    err = capsys.readouterr().err
+    assert "strategy.objectives.accuracy_od: unknown objective 'accuracy_od' (did you mean 'accuracy_odd'?)" in err
+    assert "the evaluator returns: accuracy, accuracy_odd, accuracy_even" in err
+    assert not (tmp_path / "runs" / "bad").exists()

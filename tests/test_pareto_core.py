@@ -134,7 +134,10 @@ def test_too_few_points_names_the_number_needed(d: int):
 
 
 def test_require_points_reports_failed_evaluations():
-    expected = "needs at least 10 successful evaluations; got 7 (3 evaluations failed)"
+    expected = (
+        "needs at least 10 successful evaluations; got 7 (3 evaluations failed: fix what makes them fail, "
+        "see journal.jsonl, or raise strategy.design_points to at least 13)"
+    )
     with pytest.raises(EvomergeError, match=re.escape(expected)):
         require_points(3, 7, failed=3)
     require_points(3, 10)  # enough: no error

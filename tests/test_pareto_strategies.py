@@ -19,6 +19,7 @@ from evomerge.pareto import hypervolume, non_dominated
 from evomerge.pareto.design import vertices_and_sobol
 from evomerge.pareto.surrogate import quadratic_features
 from evomerge.registry import Component
+from evomerge.schema import parse
 from evomerge.search import STRATEGIES
 from evomerge.search.base import Candidate
 from evomerge.search.map import MapOptions, MapSearch
@@ -173,8 +174,8 @@ def test_map_too_many_design_failures_is_a_clear_error():
         strategy.ask()
     message = str(err.value)
     assert "over 2 genes has 6 parameters and needs at least 6 successful evaluations" in message
-    assert "got 5 (1 evaluations failed)" in message
-    assert "strategy.design_points) to at least 6" in message
+    assert "got 5 (1 evaluations failed: fix what makes them fail" in message
+    assert "raise strategy.design_points to at least 7" in message
 
 
 @pytest.mark.parametrize("d, need", [(2, 6), (3, 10)])
@@ -253,7 +254,7 @@ def test_map_told_out_of_order_within_a_round_covers_the_same_design():
     assert len(forward.asked) == len(backward.asked) == 18
     design = [c.genome for c in forward.asked[:12]]
     np.testing.assert_array_equal(design, [c.genome for c in backward.asked[:12]])
-    np.testing.assert_array_equal(forward.strategy.engine.X[:12], backward.strategy.engine.X[:12][::-1])
+    np.testing.assert_array_equal(forward.strategy.engine.X[:12], backward.strategy.engine.X[:12])  # point order
     # the fits see the same set of points, so the planned fronts agree closely
     a = toy_values(np.array([c.genome for c in forward.asked[12:]]))
     b = toy_values(np.array([c.genome for c in backward.asked[12:]]))
@@ -552,7 +553,7 @@ def test_nested_map_finishes_after_its_levels(tasks: int, levels: int, pairs: in
     assert loop.told == pairs * (options.design_points + options.front_points)
     per_pair = Counter((c.meta["level"], c.meta["pair"]) for c in loop.asked)
     assert set(per_pair.values()) == {20} and len(per_pair) == pairs
-    assert strategy.choices[-1]["tasks"] == list(range(tasks))
+    assert sorted(sum(strategy.choices[-1]["groups"], [])) == list(range(tasks))
     assert all(np.all((c.genome >= 0) & (c.genome <= 1)) for c in loop.asked)
 
 
@@ -568,7 +569,7 @@ def test_nested_map_skewed_preference_favours_the_preferred_task():
         assert strategy.finished
         final[label] = np.array([evaluate(strategy.groups[0][0]).objectives[n] for n in names])
         if preference:
-            assert 2 in strategy.choices[0]["tasks"]  # the preferred task is paired first
+            assert strategy.choices[0]["groups"][0] == [2]  # the preferred task is paired first, as group a
     t2 = final["t2"]
     assert int(np.argmax(t2)) == 2 and t2[2] > 0.9
     assert t2[2] > final["even"][2] + 0.3
@@ -588,3 +589,40 @@ def test_random_search_stays_in_the_box_and_ignores_failures():
     assert genomes.min() >= -2.0 and genomes.max() <= 0.5 and len(np.unique(genomes, axis=0)) == 50
     best = min(range(1, 50, 2), key=lambda i: genomes[i, 0])
     np.testing.assert_array_equal(strategy.best()[0], genomes[best])
+
+
+def test_map_asks_the_same_whatever_order_a_round_is_told_in():
+    """Rows are kept in point order, so the fit, and with it every later proposal, ignores arrival order."""
+    runs = []
+    for order in (lambda ids: ids, lambda ids: ids[::-1], lambda ids: ids[3:] + ids[:3]):
+        loop = Loop(build_map(front_points=6), toy)
+        design = [c.id for c in loop.ask_all()]
+        for cid in order(design):
+            loop.tell(cid)
+        runs.append([c.genome.tolist() for c in loop.ask_all()])
+    assert runs[0] == runs[1] == runs[2] and len(runs[0]) == 6
+
+
+def test_plain_map_refuses_batches_without_an_acquisition():
+    with pytest.raises(SpecError, match=r"strategy\.batches: batches need an acquisition"):
+        parse(MapOptions, {"batches": [3]}, "strategy")
+
+
+def test_nested_map_objectives_must_follow_the_evaluators_task_order():
+    names = ["accuracy_large", "accuracy_small", "accuracy_middle"]
+    strategy = NestedMapSearch(NestedMapOptions(objectives=dict.fromkeys(names, "max")), box(3), 0)
+    strategy.check_evaluator(SimpleNamespace(tasks=["large", "small", "middle"]))  # same order: fine
+    with pytest.raises(SpecError, match=r"objectives\.accuracy_large: objective 0 must be a metric of task 0"):
+        strategy.check_evaluator(SimpleNamespace(tasks=["small", "middle", "large"]))
+
+
+def test_nested_map_needs_weights_that_start_at_zero():
+    from evomerge.space.merge_genes import GeneSpec
+
+    space = box(3)
+    space.options = SimpleNamespace(genes={"weights": GeneSpec(low=0.2, high=1.0, per="model")})
+    options = NestedMapOptions(objectives=dict.fromkeys(["a", "b", "c"], "max"))
+    with pytest.raises(SpecError, match=r"space\.genes: nested MAP needs exactly one gene, weights: \{low: 0"):
+        NestedMapSearch(options, space, 0)
+    space.options.genes["weights"] = GeneSpec(low=0.0, high=1.0, per="model")
+    assert NestedMapSearch(options, space, 0).ask() is not None

@@ -86,6 +86,11 @@ def _parser() -> argparse.ArgumentParser:
         "--point", type=int, metavar="K", help="point K of the run's trade-off front (see `evomerge front`)"
     )
     export.add_argument("--out", metavar="DIR", help="output folder (must not exist)")
+    export.add_argument(
+        "--objectives",
+        metavar="NAME:GOAL,...",
+        help="with --point: number the front as `evomerge front --objectives` does (default: the strategy's)",
+    )
 
     front = sub.add_parser(
         "front",
@@ -224,7 +229,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from evomerge.runtime.export import export_front_point, export_individual
 
     if args.point is not None:
-        out = export_front_point(args.run, args.point, args.out)
+        out = export_front_point(args.run, args.point, args.out, _objectives_arg(args.objectives))
         print(f"exported front point {args.point} to {out}")
         return 0
     out = export_individual(args.run, args.id, args.out)
@@ -252,7 +257,9 @@ def cmd_front(args: argparse.Namespace) -> int:
 
     run = RunDir.open(args.run)
     goals = _objectives_arg(args.objectives)
-    if args.plot and goals is None:
+    if args.plot and goals is not None:
+        raise EvomergeError("--plot redraws the run's own front.csv and plots; it cannot be combined with --objectives")
+    if args.plot:
         write_front(run)
     front = read_front(run, goals)
     reference = ", ".join(f"{k} {v:g}" for k, v in front.reference_natural().items())

@@ -85,6 +85,10 @@ class ClassificationEvaluator:
     def layout(self) -> Layout:
         return self._layout
 
+    def metric_names(self) -> list[str]:
+        """What `evaluate` returns, so a strategy's objectives are checked before the first evaluation."""
+        return ["accuracy", *(f"accuracy_{name}" for name in self._group_masks)]
+
     def _to_device(self, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         for name, shape in zip(self._layout.names, self._layout.shapes):
             got = tuple(params[name].shape) if name in params else None

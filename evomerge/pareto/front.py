@@ -1,7 +1,7 @@
 """Non-domination, hypervolume and IGD+ for minimisation problems.
 
-Our own small implementations (fronts here hold tens to hundreds of points); the tests check
-them against pymoo's on hand-made and random sets.
+Our own small implementations (fronts here hold tens to hundreds of points; beyond 4 objectives
+the hypervolume is pymoo's); the tests check them against pymoo's on hand-made and random sets.
 """
 
 from __future__ import annotations
@@ -14,10 +14,34 @@ def non_dominated(F: np.ndarray) -> np.ndarray:
     F = np.asarray(F, dtype=np.float64)
     if F.ndim != 2:
         raise ValueError(f"expected an (n, m) array of objectives, got shape {F.shape}")
-    leq = np.all(F[:, None, :] <= F[None, :, :], axis=2)  # leq[i, j]: i ≤ j everywhere
-    lt = np.any(F[:, None, :] < F[None, :, :], axis=2)
-    dominated = np.any(leq & lt, axis=0)
+    if F.shape[1] == 2:
+        return _non_dominated_2d(F)
+    dominated = np.zeros(len(F), dtype=bool)
+    for start in range(0, len(F), 512):  # blocks of dominators keep memory at 512 × n, not n × n
+        block = F[start : start + 512]
+        leq = np.all(block[:, None, :] <= F[None, :, :], axis=2)  # leq[i, j]: block row i ≤ row j everywhere
+        lt = np.any(block[:, None, :] < F[None, :, :], axis=2)
+        dominated |= np.any(leq & lt, axis=0)
     return ~dominated
+
+
+def _non_dominated_2d(F: np.ndarray) -> np.ndarray:
+    """O(n log n): a point is dominated by one with a smaller first objective and a second objective no
+    larger, or by one with an equal first objective and a smaller second."""
+    order = np.lexsort((F[:, 1], F[:, 0]))
+    keep = np.zeros(len(F), dtype=bool)
+    best_before = np.inf  # the smallest second objective among points with a strictly smaller first
+    i = 0
+    while i < len(order):
+        j = i
+        while j < len(order) and F[order[j], 0] == F[order[i], 0]:
+            j += 1
+        group = order[i:j]
+        lowest = F[group[0], 1]  # the group is sorted by the second objective
+        keep[group] = (F[group, 1] == lowest) & (lowest < best_before)
+        best_before = min(best_before, lowest)
+        i = j
+    return keep
 
 
 def hypervolume(F: np.ndarray, reference: np.ndarray) -> float:
@@ -29,7 +53,12 @@ def hypervolume(F: np.ndarray, reference: np.ndarray) -> float:
     F = F[np.all(F < reference, axis=1)]
     if len(F) == 0:
         return 0.0
-    return _slice_volume(F[non_dominated(F)], reference)
+    F = F[non_dominated(F)]
+    if F.shape[1] > 4:  # slicing is exponential in the objectives; pymoo's HV stays fast there
+        from pymoo.indicators.hv import HV
+
+        return float(HV(ref_point=reference)(F))
+    return _slice_volume(F, reference)
 
 
 def _slice_volume(F: np.ndarray, reference: np.ndarray) -> float:

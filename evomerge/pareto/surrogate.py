@@ -68,10 +68,15 @@ def _derivative(link: str, z: np.ndarray) -> np.ndarray:
 def require_points(d: int, n: int, failed: int = 0, what: str = "the quadratic surrogate") -> None:
     need = n_parameters(d)
     if n < need:
-        lost = f" ({failed} evaluations failed)" if failed else ""
+        advice = (
+            f" ({failed} evaluations failed: fix what makes them fail, see journal.jsonl, or raise "
+            f"strategy.design_points to at least {need + failed})"
+            if failed
+            else f". Raise the design size (strategy.design_points) to at least {need}"
+        )
         raise EvomergeError(
             f"{what} over {d} genes has {need} parameters and needs at least {need} successful evaluations; "
-            f"got {n}{lost}. Raise the design size (strategy.design_points) to at least {need}"
+            f"got {n}{advice}"
         )
 
 

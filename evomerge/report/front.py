@@ -175,9 +175,15 @@ def front_rows(front: RunFront) -> list[dict[str, str]]:
     return rows
 
 
-def front_genome(run: RunDir, point: int) -> tuple[np.ndarray, FrontPoint]:
-    """The genes of front point `point` as `evomerge front` numbers them."""
-    front = read_front(run)
+def front_genome(
+    run: RunDir, point: int, objectives: dict[str, str] | None = None
+) -> tuple[np.ndarray, FrontPoint]:
+    """The genes of front point `point` as `evomerge front` (with the same `--objectives`) numbers them."""
+    front = read_front(run, objectives)
+    if not front.points:
+        raise EvomergeError(
+            f"the front of {run.path} is empty ({len(front.evaluated)} evaluated, {len(front.dropped)} failed)"
+        )
     if not 0 <= point < len(front.points):
         raise EvomergeError(
             f"--point {point} is not on the front of {run.path}; it has points 0..{len(front.points) - 1}"

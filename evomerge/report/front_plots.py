@@ -46,7 +46,15 @@ def plot_front(run: RunDir, front: RunFront, reference_front: np.ndarray | None 
     everything = np.array([[p.values[n] for n in names] for p in front.evaluated])
     on_front = np.array([[p.values[n] for n in names] for p in front.points]).reshape(-1, len(names))
     out = []
-    if len(names) <= 3:
+    if len(names) == 1:  # one objective: every evaluation in order, the best ones marked
+        fig, ax = plt.subplots(figsize=(7, 4.2))
+        ax.scatter([p.id for p in front.evaluated], everything[:, 0], s=10, color="0.6", label="evaluated")
+        ax.scatter([p.id for p in front.points], on_front[:, 0], s=28, color="tab:blue", label="best")
+        ax.set_xlabel("candidate id")
+        ax.set_ylabel(f"{names[0]} ({front.objectives.goals[names[0]]})")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="best", fontsize=8)
+    elif len(names) <= 3:
         pairs = list(combinations(range(len(names)), 2))
         fig, axes = plt.subplots(1, len(pairs), figsize=(5.2 * len(pairs), 4.6), squeeze=False)
         for ax, (i, j) in zip(axes[0], pairs):

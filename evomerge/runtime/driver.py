@@ -46,6 +46,9 @@ def build_parts(run: RunDir, spec: SearchSpec, fresh_seeds: bool) -> tuple[Evalu
     metric_names = getattr(evaluator, "metric_names", None)
     if isinstance(getattr(strategy, "objectives", None), Objectives) and metric_names is not None:
         strategy.objectives.check_names(metric_names())  # before the first evaluation, not at the first result
+    check_evaluator = getattr(strategy, "check_evaluator", None)
+    if check_evaluator is not None:
+        check_evaluator(evaluator)
     return evaluator, space, strategy
 
 

@@ -49,13 +49,16 @@ def export_individual(run_path: str | Path, individual: int | None, out: str | P
     return _write_export(run, spec, space, genome, individual, Path(out) if out else run.path / "export" / label)
 
 
-def export_front_point(run_path: str | Path, point: int, out: str | Path | None = None) -> Path:
-    """Write front point `point` (numbered as `evomerge front` prints them) as a safetensors model folder."""
+def export_front_point(
+    run_path: str | Path, point: int, out: str | Path | None = None, objectives: dict[str, str] | None = None
+) -> Path:
+    """Write front point `point` (numbered as `evomerge front` prints them, with the same `objectives`)
+    as a safetensors model folder."""
     from evomerge.report.front import front_genome
 
     run = RunDir.open(run_path)
     spec = run.check_spec_unchanged()
-    genome, chosen = front_genome(run, point)
+    genome, chosen = front_genome(run, point, objectives)
     _, space, _ = build_parts(run, spec, fresh_seeds=False)
     target = Path(out) if out else run.path / "export" / f"point-{point}"
     return _write_export(run, spec, space, genome, chosen.id, target, {"front_point": point})

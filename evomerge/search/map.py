@@ -56,6 +56,11 @@ class MapOptions:
         for i, size in enumerate(self.batches):
             require(size >= 1, f"{path}.batches[{i}]", f"got {size}, must be >= 1")
         require(
+            self.acquisition != "none" or not self.batches,
+            f"{path}.batches",
+            "batches need an acquisition ('residual' or 'hypervolume'); plain MAP has a design and a front round",
+        )
+        require(
             self.acquisition == "none" or bool(self.batches),
             f"{path}.batches",
             f"acquisition {self.acquisition!r} needs at least one batch size, e.g. [3, 3]",
@@ -110,6 +115,7 @@ class MapRounds:
         self.round = -1
         self.X = np.zeros((0, d))
         self.Y = np.zeros((0, m))
+        self.keys = np.zeros(0, dtype=np.int64)  # the point key of each row of X, Y
         self.failed = 0
         self.queue = np.zeros((0, d))
         self.queue_predicted = np.zeros((0, m))
@@ -146,8 +152,10 @@ class MapRounds:
         if values is None:
             self.failed += 1
             return
-        self.X = np.vstack([self.X, x])
-        self.Y = np.vstack([self.Y, values])
+        at = int(np.searchsorted(self.keys, key))  # rows in point order, so fits do not depend on arrival order
+        self.keys = np.insert(self.keys, at, key)
+        self.X = np.insert(self.X, at, x, axis=0)
+        self.Y = np.insert(self.Y, at, values, axis=0)
 
     # planning ---------------------------------------------------------------------------
     def fit(self) -> None:
@@ -242,6 +250,7 @@ class MapRounds:
         return {
             "round": self.round,
             "X": self.X,
+            "keys": self.keys,
             "Y": self.Y,
             "failed": self.failed,
             "queue": self.queue,
@@ -256,6 +265,7 @@ class MapRounds:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.round = int(state["round"])
         self.X, self.Y = np.asarray(state["X"]), np.asarray(state["Y"])
+        self.keys = np.asarray(state["keys"], dtype=np.int64)
         self.failed = int(state["failed"])
         self.queue, self.queue_predicted = np.asarray(state["queue"]), np.asarray(state["queue_predicted"])
         self.pending = {int(k): np.asarray(x) for k, x in zip(state["pending_keys"], state["pending_points"])}

@@ -64,6 +64,15 @@ class NestedMapSearch(ParetoStrategy):
                 f"nested MAP pairs one coefficient per task: the space has {d} genes but {len(options.objectives)} "
                 "objectives (use a merge space with weights per model and one objective per task)",
             )
+        genes = getattr(getattr(space, "options", None), "genes", None)
+        if genes is not None:  # a merge space: merges of merges compose only through per-model weights from 0
+            weights_gene = genes.get("weights")
+            if set(genes) != {"weights"} or weights_gene.per != "model" or weights_gene.low != 0:
+                raise SpecError(
+                    "space.genes",
+                    "nested MAP needs exactly one gene, weights: {low: 0, high: ..., per: model}, so that a gene of 0 "
+                    "leaves a task out and a merge of merges is again one coefficient per task",
+                )
         self.low, self.high = np.asarray(space.low, dtype=np.float64), np.asarray(space.high, dtype=np.float64)
         weights = options.preference or [1.0] * d
         self.preference = np.asarray(weights, dtype=np.float64) / float(np.sum(weights))
@@ -104,7 +113,7 @@ class NestedMapSearch(ParetoStrategy):
             alpha, beta = engine.X[int(np.argmin(scores))]
             merged.append((np.clip(alpha * va + beta * vb, self.low, self.high), sorted(ta + tb)))
             self.choices.append(
-                {"level": self.level, "tasks": sorted(ta + tb), "coefficients": [float(alpha), float(beta)]}
+                {"level": self.level, "groups": [ta, tb], "coefficients": [float(alpha), float(beta)]}
             )
             used |= {a, b}
         carried = [g for i, g in enumerate(self.groups) if i not in used]
@@ -113,6 +122,19 @@ class NestedMapSearch(ParetoStrategy):
     @property
     def finished(self) -> bool:
         return len(self.groups) == 1
+
+    def check_evaluator(self, evaluator: object) -> None:
+        """Gene i merges task i's model, so objective i must be task i's metric (checked where tasks are named)."""
+        tasks = getattr(evaluator, "tasks", None)
+        if not tasks or len(tasks) != len(self.objectives):
+            return
+        for i, (name, task) in enumerate(zip(self.objectives.names, tasks)):
+            if not name.endswith(f"_{task}"):
+                raise SpecError(
+                    f"strategy.objectives.{name}",
+                    f"objective {i} must be a metric of task {i}, {task!r} (gene {i} is its coefficient); "
+                    f"list the objectives in the evaluator's task order: {', '.join(tasks)}",
+                )
 
     def _group_objectives(self, minimised: np.ndarray, pair: int) -> np.ndarray:
         """The pair's two objectives: each group's preference-weighted mean of its tasks' minimised metrics."""
