@@ -454,3 +454,63 @@ def test_unknown_objective_of_the_classification_evaluator_is_refused_before_eva
     assert "strategy.objectives.accuracy_od: unknown objective 'accuracy_od' (did you mean 'accuracy_odd'?)" in err
     assert "the evaluator returns: accuracy, accuracy_odd, accuracy_even" in err
     assert not (tmp_path / "runs" / "bad").exists()
+
+
+def test_export_point_of_an_empty_front_says_so(tmp_path: Path, capsys):
+    """Every candidate NaN: the run finishes with an empty front, and `export --point` says why there is none."""
+    evaluator = {"name": f"{__name__}:NanOn", "nan_on": [0, 1, 2], "tasks": TWO_TASKS, "device": "cpu"}
+    strategy = {"name": "random", "objectives": {"accuracy_low": "max", "accuracy_high": "max"}}
+    assert main(["run", write(tmp_path, mnist_spec(tmp_path, "empty", strategy, 3, evaluator)), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["export", str(tmp_path / "runs" / "empty"), "--point", "0"]) == 2
+    assert "the front of" in (err := capsys.readouterr().err) and "is empty (0 evaluated, 3 failed)" in err
+
+
+def test_front_plot_cannot_be_redrawn_for_other_objectives(map_run: Path, capsys):
+    assert main(["front", str(map_run), "--plot", "--objectives", "accuracy_low:max,distance:min"]) == 2
+    assert "--plot redraws the run's own front.csv and plots; it cannot be combined with --objectives" in (
+        capsys.readouterr().err
+    )
+
+
+def test_models_from_an_evaluator_that_has_none(tmp_path: Path, capsys):
+    spec = {
+        "name": "no-models",
+        "budget": 3,
+        "output": str(tmp_path / "runs"),
+        "evaluator": {"name": "classification", "dataset": "wine", "hidden": [4], "device": "cpu"},
+        "models": {"init": "evaluator"},
+        "strategy": {"name": "m2n2", "population": 4},
+        "runtime": {"progress": False},
+    }
+    assert main(["run", write(tmp_path, spec)]) == 2
+    assert "models.init 'evaluator' needs an evaluator that provides its models; ClassificationEvaluator does not" in (
+        capsys.readouterr().err
+    )
+    assert not (tmp_path / "runs" / "no-models").exists()
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"tasks": {}}, r"evaluator\.tasks: needs at least one task"),
+        ({"tasks": {"one": [3]}}, r"evaluator\.tasks\.one: got \[3\], a task needs at least 2 classes"),
+        ({"tasks": {"big": [9, 10]}}, r"evaluator\.tasks\.big: classes \[10\] are not digits; allowed: 0-9"),
+        ({"tasks": {"rep": [1, 1]}}, r"evaluator\.tasks\.rep: got \[1, 1\], classes repeat"),
+        ({"hidden": [0]}, r"evaluator\.hidden\[0\]: got 0, must be > 0"),
+        ({"hidden": []}, r"evaluator\.hidden: needs at least one layer"),
+        ({"finetune_steps": -1}, r"evaluator\.finetune_steps: got -1, must be >= 0"),
+        ({"lr": 0}, r"evaluator\.lr: got 0\.0, must be > 0"),
+        ({"val_per_class": 0}, r"evaluator\.val_per_class: got 0, must be >= 1"),
+        ({"test_per_class": 450}, r"evaluator\.test_per_class: val \+ test = 550 leaves no training images"),
+        ({"dataset": "mnist"}, r"evaluator\.dataset"),
+    ],
+)
+def test_multitask_options_are_checked(options: dict, message: str):
+    from evomerge.errors import SpecError
+    from evomerge.spec import spec_from_dict
+
+    spec = yaml.safe_load((ROOT / "search_spaces" / "map_mnist_2tasks.yaml").read_text())
+    spec["evaluator"].update(options)
+    with pytest.raises(SpecError, match=message):
+        spec_from_dict(spec)

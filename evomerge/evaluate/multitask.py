@@ -52,8 +52,10 @@ class MultiTaskOptions:
         for name in ("pretrain_steps", "finetune_steps"):
             require(getattr(self, name) >= 0, f"{path}.{name}", f"got {getattr(self, name)}, must be >= 0")
         require(self.lr > 0, f"{path}.lr", f"got {self.lr}, must be > 0")
+        for name in ("val_per_class", "test_per_class"):
+            require(getattr(self, name) >= 1, f"{path}.{name}", f"got {getattr(self, name)}, must be >= 1")
         total = self.val_per_class + self.test_per_class
-        require(0 < total < 500, f"{path}.val_per_class", "val_per_class + test_per_class must be in 1..499")
+        require(total < 500, f"{path}.test_per_class", f"val + test = {total} leaves no training images of the 500")
 
     def recipe(self) -> TaskModelsRecipe:
         return TaskModelsRecipe(

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from evomerge.pareto import non_dominated
-from evomerge.report.plots import _pyplot
+from evomerge.report.plots import pyplot
 
 if TYPE_CHECKING:
     from evomerge.report.front import RunFront
@@ -38,7 +38,7 @@ def shade_dominated(ax, front: np.ndarray, reference: np.ndarray, signs: np.ndar
 def plot_front(run: RunDir, front: RunFront, reference_front: np.ndarray | None = None) -> list[str]:
     """plots/front.png (2-D scatter per objective pair, or parallel coordinates beyond 3 objectives) and,
     when the front has surrogate predictions, plots/predicted_vs_real.png."""
-    plt = _pyplot()
+    plt = pyplot()
     if plt is None or not front.evaluated:
         return []
     run.plots_dir.mkdir(exist_ok=True)

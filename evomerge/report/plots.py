@@ -10,7 +10,7 @@ from evomerge.store import RunDir
 DIVERSITY_KEYS = ("archive_size", "coverage", "mean_distance", "mean_disagreement")
 
 
-def _pyplot():
+def pyplot():
     try:
         import matplotlib
 
@@ -23,7 +23,7 @@ def _pyplot():
 
 def plot_run(run: RunDir) -> list[str]:
     """plots/accuracy.png and plots/diversity.png for one run; [] without matplotlib or data."""
-    plt = _pyplot()
+    plt = pyplot()
     curve = read_curve(run)
     if plt is None or not curve:
         return []
@@ -66,7 +66,7 @@ def plot_run(run: RunDir) -> list[str]:
 
 def compare_runs(runs: list[RunDir], out: Path, metric: str = "test_accuracy") -> str | None:
     """Several runs' curves of one metric on one plot."""
-    plt = _pyplot()
+    plt = pyplot()
     if plt is None:
         return None
     fig, ax = plt.subplots(figsize=(7.5, 4.5))

@@ -60,12 +60,22 @@ class NsgaSearch(ParetoStrategy):
         self.queue: list[list[int]] = []  # [batch, index] not yet handed out
         self.waiting: list[tuple[list[int], list[float]]] = []  # finished, not yet told to pymoo
         self.outstanding: dict[int, int] = {}  # batch -> members not yet told or failed
-        self.X = np.zeros((0, len(self.low)))
-        self.F = np.zeros((0, len(self.objectives)))
+        self.asked = 0  # pymoo batches asked so far; the next one's number
+        self._genomes: list[np.ndarray] = []  # every successful candidate, in tell order (lists: appends stay O(1))
+        self._values: list[np.ndarray] = []  # and its minimised objectives
+
+    @property
+    def X(self) -> np.ndarray:
+        return np.array(self._genomes, dtype=np.float64).reshape(-1, len(self.low))
+
+    @property
+    def F(self) -> np.ndarray:
+        return np.array(self._values, dtype=np.float64).reshape(-1, len(self.objectives))
 
     # pymoo calls, logged so a restored strategy can replay them -------------------------------
     def _pymoo_ask(self) -> None:
-        batch = len([e for e in self.events if e[0] == "ask"])
+        batch = self.asked
+        self.asked += 1
         population = self.algorithm.ask()
         self.batches[batch] = population
         self.outstanding[batch] = len(population)
@@ -108,15 +118,15 @@ class NsgaSearch(ParetoStrategy):
             return
         F = self.objectives.minimised(result.objectives)
         self.waiting.append((ref, F.tolist()))
-        self.X = np.vstack([self.X, candidate.genome])
-        self.F = np.vstack([self.F, F])
+        self._genomes.append(np.asarray(candidate.genome, dtype=np.float64))
+        self._values.append(F)
         if len(self.waiting) >= self.tell_every:
             self._pymoo_tell()
         self.record(candidate.genome, F)
 
     def stats(self) -> dict[str, float]:
         told = sum(len(e[1]) for e in self.events if e[0] == "tell")
-        front = int(non_dominated(self.F).sum()) if len(self.F) else 0
+        front = int(non_dominated(self.F).sum()) if self._values else 0
         return {"told": told, "front_size": front, "generations": int(self.algorithm.n_gen or 0)}
 
     # state ----------------------------------------------------------------------------------
@@ -147,7 +157,7 @@ class NsgaSearch(ParetoStrategy):
         self.waiting = [(list(ref), list(values)) for ref, values in state["waiting"]]
         self.outstanding = {int(b): int(n) for b, n in state["outstanding"].items()}
         self._drop_settled()
-        self.X, self.F = np.asarray(state["X"]), np.asarray(state["F"])
+        self._genomes, self._values = list(np.asarray(state["X"])), list(np.asarray(state["F"]))
 
 
 @STRATEGIES.register("nsga", NsgaOptions, "NSGA-II/III (pymoo) on real evaluations, told as results arrive", {"box"})
