@@ -69,7 +69,7 @@ class RuntimeSpec:
 
     snapshot_every: int = 2000
     log_every: int = 500
-    threads: int = 0
+    threads: int = 1  # torch intra-op threads per process: 1 is fastest for small models on busy CPUs
     progress: bool = True
     executor: ExecutorSpec = field(default_factory=ExecutorSpec)
 

@@ -9,7 +9,14 @@ from hypothesis import strategies as st
 
 from evomerge.evaluate.base import EvalResult
 from evomerge.search.base import Candidate, sample_index
-from evomerge.search.m2n2 import M2N2, M2N2Options, competition_fitness, match_scores, replacement_index
+from evomerge.search.m2n2 import (
+    M2N2,
+    M2N2Options,
+    competition_fitness,
+    match_scores,
+    replacement_index,
+    resource_weights,
+)
 from evomerge.space.weights import WeightSpace
 from evomerge.weights import Layout
 
@@ -30,17 +37,17 @@ def test_unsolved_example_counts_as_capacity_one():
 
 def test_replacement_drops_lowest_fitness_among_archive_and_child():
     # child [0,1,1,1]: z = [2,2,2,2], fitness [1, 1, 0.5, 1.5] -> row 2 goes
-    assert replacement_index(S, np.array([0, 1, 1, 1], dtype=np.float32)) == 2
+    assert replacement_index(np.vstack([S, [[0, 1, 1, 1]]])) == 2
     # a child that solves nothing is itself the lowest: index P means "archive unchanged"
-    assert replacement_index(S, np.zeros(4, dtype=np.float32)) == 3
+    assert replacement_index(np.vstack([S, np.zeros((1, 4))])) == 3
     # duplicate of row 0 ties with row 0 (both 0.8333); the archive member goes first
-    assert replacement_index(S, S[0]) == 0
+    assert replacement_index(np.vstack([S, S[:1]])) == 0
 
 
 def test_matchmaker_prefers_what_parent_one_lacks():
-    np.testing.assert_allclose(match_scores(S, first=0), [0.0, 1.0, 1.0])
+    np.testing.assert_allclose(match_scores(S * resource_weights(S, 1.0), first=0), [0.0, 1.0, 1.0])
     # parent 2 (row 2) solves only example 3; row 0 covers examples 0 and 1 it lacks
-    np.testing.assert_allclose(match_scores(S, first=2), [1.5, 1.5, 0.0])
+    np.testing.assert_allclose(match_scores(S * resource_weights(S, 1.0), first=2), [1.5, 1.5, 0.0])
 
 
 def test_sample_index_follows_weights():

@@ -11,7 +11,7 @@ from evomerge.merge.base import (
     merge_tensor,
 )
 from evomerge.merge.methods import fisher_merge, linear, model_stock, slerp_model_stats, slerp_tensors
-from evomerge.merge.slerp import slerp, slerp_coefficients, split_point_slerp
+from evomerge.merge.slerp import slerp, slerp_coefficients, slerp_stats, split_point_slerp
 from evomerge.merge.task_vectors import Pipeline, dare_mask, global_magnitude_thresholds
 
 __all__ = [
@@ -32,6 +32,7 @@ __all__ = [
     "slerp",
     "slerp_coefficients",
     "slerp_model_stats",
+    "slerp_stats",
     "slerp_tensors",
     "split_point_slerp",
 ]

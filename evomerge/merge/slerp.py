@@ -26,21 +26,30 @@ def slerp_coefficients(t: float, dot: float, norm_x: float, norm_y: float) -> tu
     return math.sin((1.0 - t) * omega) / sin_omega, math.sin(t * omega) / sin_omega
 
 
-def _stats(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
-    x64, y64 = x.ravel(), y.ravel()
-    return float(np.dot(x64, y64)), float(np.sqrt(np.dot(x64, x64))), float(np.sqrt(np.dot(y64, y64)))
+_CHUNK = 1 << 20  # elements cast to float64 at a time: the angle is exact to float64 without a full copy
+
+
+def slerp_stats(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
+    """(x · y, |x|, |y|) accumulated in float64, each chunk cast once."""
+    x, y = x.ravel(), y.ravel()
+    xy = xx = yy = 0.0
+    for start in range(0, x.shape[0], _CHUNK):
+        x64 = x[start : start + _CHUNK].astype(np.float64)
+        y64 = y[start : start + _CHUNK].astype(np.float64)
+        xy, xx, yy = xy + float(x64 @ y64), xx + float(x64 @ x64), yy + float(y64 @ y64)
+    return xy, math.sqrt(xx), math.sqrt(yy)
 
 
 def slerp(x: np.ndarray, y: np.ndarray, t: float) -> np.ndarray:
     """SLERP over the whole vectors: t = 0 gives x, t = 1 gives y."""
-    a, b = slerp_coefficients(t, *_stats(x, y))
+    a, b = slerp_coefficients(t, *slerp_stats(x, y))
     return (a * x + b * y).astype(x.dtype, copy=False)
 
 
 def split_point_slerp(x: np.ndarray, y: np.ndarray, split: int, w: float) -> np.ndarray:
     """M2N2 crossover: weight w on coordinates [0, split), 1 - w on [split, n), one angle for both."""
     x, y = x.ravel(), y.ravel()
-    stats = _stats(x, y)
+    stats = slerp_stats(x, y)
     a1, b1 = slerp_coefficients(w, *stats)
     a2, b2 = slerp_coefficients(1.0 - w, *stats)
     child = np.empty_like(x)

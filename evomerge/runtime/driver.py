@@ -60,7 +60,7 @@ def build_manager(run: RunDir, spec: SearchSpec, budget: int, fresh_seeds: bool,
     if chosen.name == "ray":
         from evomerge.runtime.ray_pool import RayExecutor
 
-        executor = RayExecutor(spec.to_plain(), run.seeds_dir, chosen, threads=spec.runtime.threads or 1)
+        executor = RayExecutor(spec.to_plain(), run.seeds_dir, chosen, threads=spec.runtime.threads)
         deterministic = chosen.deterministic
     else:
         executor, deterministic = InProcessExecutor(evaluator, space), True

@@ -36,18 +36,18 @@ def competition_fitness(scores: np.ndarray, alpha: float = 1.0) -> np.ndarray:
     return scores @ resource_weights(scores, alpha)
 
 
-def replacement_index(scores: np.ndarray, child: np.ndarray, alpha: float = 1.0) -> int:
-    """Row to drop when `child` competes with the full archive; len(scores) means the child itself.
+def replacement_index(table: np.ndarray, alpha: float = 1.0) -> int:
+    """Row of `table` (the archive's P rows, then the child's) with the lowest fitness; P means the child.
 
-    Ties go to the lowest index, so an archive member is dropped before an equally fit child.
+    All P + 1 fitness values come from one pass, so a child equal to a member ties with it exactly,
+    and ties go to the lowest index: the member is dropped before an equally fit child (the
+    reference's argmin), which is what lets neutral variants drift through the archive.
     """
-    extended = np.vstack([scores, child[None, :]])
-    return int(np.argmin(competition_fitness(extended, alpha)))
+    return int(np.argmin(competition_fitness(table, alpha)))
 
 
-def match_scores(scores: np.ndarray, first: int, alpha: float = 1.0) -> np.ndarray:
-    """Σ_j max(0, F_kj − F_first,j): how much of what `first` misses each member covers."""
-    shared = scores * resource_weights(scores, alpha)
+def match_scores(shared: np.ndarray, first: int) -> np.ndarray:
+    """Σ_j max(0, F_kj − F_first,j) on the shared-fitness matrix F: how much of what `first` misses each covers."""
     return np.maximum(shared - shared[first], 0.0).sum(axis=1)
 
 
@@ -87,11 +87,29 @@ class M2N2(EvolutionaryStrategy):
         self.options = options
         capacity, n_params = options.population, space.dim
         self.genomes = np.zeros((capacity, n_params), dtype=np.float32)
-        self.scores: np.ndarray | None = None  # (capacity, n_examples), allocated on the first result
+        # (capacity + 1, n_examples), allocated on the first result: the archive's scores, then a row for
+        # the child, so a replacement scores all P + 1 in one pass (equal rows get bit-equal fitness)
+        self._table: np.ndarray | None = None
         self.values = np.zeros(capacity)
         self.ids = np.full(capacity, -1, dtype=np.int64)
         self.size = 0
         self.replacements = 0
+        self._shared: tuple[np.ndarray, np.ndarray] | None = None  # cached (shared matrix, fitness)
+
+    @property
+    def scores(self) -> np.ndarray | None:
+        return None if self._table is None else self._table[:-1]
+
+    def _allocate(self, n_examples: int) -> None:
+        self._table = np.zeros((self.options.population + 1, n_examples), dtype=np.float32)
+
+    def shared_fitness(self) -> tuple[np.ndarray, np.ndarray]:
+        """(S_ij / z_j, f_i) over the archive, recomputed only after the archive changes."""
+        if self._shared is None:
+            scores = self.scores[: self.size]
+            shared = scores * resource_weights(scores, self.options.alpha)
+            self._shared = shared, shared.sum(axis=1)
+        return self._shared
 
     # ask -----------------------------------------------------------------------------------
     def ask(self) -> Proposal | None:
@@ -100,12 +118,12 @@ class M2N2(EvolutionaryStrategy):
             return initial
         if self.size == 0:
             return None
-        opts = self.options
-        scores = self.scores[: self.size]
-        fitness = competition_fitness(scores, opts.alpha)
+        shared, fitness = self.shared_fitness()
         first = sample_index(self.rng, fitness)
-        if opts.matchmaker:
-            matches = match_scores(scores, first, opts.alpha)
+        if self.options.matchmaker:
+            matches = match_scores(shared, first)
+            # all zero when `first` solves everything any other member solves; the reference then draws
+            # from NaN weights (JAX returns index 0), we fall back to fitness (see README, M2N2 vs the paper)
             second = sample_index(self.rng, matches if matches.any() else fitness)
         else:
             second = sample_index(self.rng, fitness)
@@ -122,19 +140,23 @@ class M2N2(EvolutionaryStrategy):
                 f"strategy.objective {self.options.objective!r} is not among the evaluator's objectives "
                 f"({', '.join(result.objectives)})"
             )
-        child = result.per_example.astype(np.float32, copy=False)
-        if self.scores is None:
-            self.scores = np.zeros((self.options.population, child.shape[0]), dtype=np.float32)
+        if self._table is None:
+            self._allocate(result.per_example.shape[0])
+        table = self._table
         if self.size < self.options.population:
+            # the reference's archive starts as P empty slots with zero scores, and the normal update puts
+            # each result into the first of them; filling slots in order is the same thing
             slot = self.size
             self.size += 1
         else:
-            slot = replacement_index(self.scores, child, self.options.alpha)
+            table[-1] = result.per_example
+            slot = replacement_index(table, self.options.alpha)
             if slot == self.size:
                 return
             self.replacements += 1
         self.genomes[slot] = candidate.genome
-        self.scores[slot] = child
+        table[slot] = result.per_example
+        self._shared = None
         self.values[slot] = result.objectives[self.options.objective]
         self.ids[slot] = candidate.id
 
@@ -180,8 +202,9 @@ class M2N2(EvolutionaryStrategy):
         self.size = len(state["ids"])
         self.genomes[: self.size] = state["genomes"]
         if state["scores"] is not None:
-            self.scores = np.zeros((self.options.population, state["scores"].shape[1]), dtype=np.float32)
-            self.scores[: self.size] = state["scores"]
+            self._allocate(state["scores"].shape[1])
+            self._table[: self.size] = state["scores"]
+        self._shared = None
         self.values[: self.size] = state["values"]
         self.ids[: self.size] = state["ids"]
         self.replacements = int(state["replacements"])

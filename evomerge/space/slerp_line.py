@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from evomerge.errors import SpecError
-from evomerge.merge import slerp_coefficients
+from evomerge.merge import slerp_coefficients, slerp_stats
 from evomerge.space import SPACES
 from evomerge.weights import Layout
 
@@ -17,7 +17,7 @@ class SlerpLineSpace:
         self.a, self.b = a, b
         self.dim = 1
         self.low, self.high = np.zeros(1), np.ones(1)
-        self._stats = (float(a @ b), float(np.sqrt(a @ a)), float(np.sqrt(b @ b)))
+        self._stats = slerp_stats(a, b)
 
     def initial(self) -> list[np.ndarray]:
         return []
