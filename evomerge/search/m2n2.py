@@ -142,18 +142,18 @@ class M2N2(EvolutionaryStrategy):
             )
         if self._table is None:
             self._allocate(result.per_example.shape[0])
+        # As in the reference, the archive starts as P empty slots with zero scores and every result, the
+        # initial models' too, goes through the same update: an empty slot is taken unless a member that
+        # solves nothing comes before it. Filled slots stay a prefix, since argmin takes the first minimum.
         table = self._table
-        if self.size < self.options.population:
-            # the reference's archive starts as P empty slots with zero scores, and the normal update puts
-            # each result into the first of them; filling slots in order is the same thing
-            slot = self.size
-            self.size += 1
-        else:
-            table[-1] = result.per_example
-            slot = replacement_index(table, self.options.alpha)
-            if slot == self.size:
-                return
+        table[-1] = result.per_example
+        slot = replacement_index(table, self.options.alpha)
+        if slot == self.options.population:
+            return
+        if slot < self.size:
             self.replacements += 1
+        else:
+            self.size += 1
         self.genomes[slot] = candidate.genome
         table[slot] = result.per_example
         self._shared = None
