@@ -8,13 +8,12 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from evomerge.errors import RunDirError
 from evomerge.evaluate import EVALUATORS, Evaluator
 from evomerge.pareto import Objectives
 from evomerge.runtime.executor import InProcessExecutor
 from evomerge.runtime.manager import SearchManager
+from evomerge.runtime.threads import limit_threads
 from evomerge.search import STRATEGIES, Strategy
 from evomerge.seeds import build_seeds, load_seeds, save_seeds
 from evomerge.space import SPACES, Space
@@ -53,8 +52,7 @@ def build_parts(run: RunDir, spec: SearchSpec, fresh_seeds: bool) -> tuple[Evalu
 
 
 def build_manager(run: RunDir, spec: SearchSpec, budget: int, fresh_seeds: bool, progress: bool) -> SearchManager:
-    if spec.runtime.threads:
-        torch.set_num_threads(spec.runtime.threads)
+    limit_threads(spec.runtime.threads)
     evaluator, space, strategy = build_parts(run, spec, fresh_seeds)
     chosen = spec.runtime.executor
     if chosen.name == "ray":

@@ -35,10 +35,10 @@ class EvaluatorWorker:
         import torch
 
         from evomerge.runtime.driver import build_evaluator_and_space
+        from evomerge.runtime.threads import limit_threads
         from evomerge.spec import spec_from_dict
 
-        if threads:
-            torch.set_num_threads(threads)
+        limit_threads(threads)
         if 0 < gpu_fraction < 1 and torch.cuda.is_available():
             torch.cuda.set_per_process_memory_fraction(gpu_fraction)  # a GPU share comes with its memory share
         self.evaluator, self.space = build_evaluator_and_space(spec_from_dict(spec_plain), Path(seeds_dir))
