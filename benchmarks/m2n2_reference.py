@@ -1,0 +1,206 @@
+"""evomerge's M2N2 against the paper's reference code (SakanaAI/natural_niches), side by side.
+
+The reference is a public repository, not part of evomerge: clone it anywhere and give this script
+its folder and a Python that has its requirements (jax, optax, tqdm, scikit-learn):
+
+    git clone https://github.com/SakanaAI/natural_niches /tmp/natural_niches
+    python -m venv /tmp/jax && /tmp/jax/bin/pip install jax optax tqdm scikit-learn
+    python benchmarks/m2n2_reference.py --reference /tmp/natural_niches --reference-python /tmp/jax/bin/python
+
+Three measurements, written to benchmarks/results/m2n2_reference.json:
+
+- lockstep: one reference run with every draw recorded, replayed through evomerge's M2N2 given the
+  same children: the parent-sampling weights, the replaced slot and the crossover must agree;
+- accuracy: from-scratch M2N2 of the reference at 50,000 evaluations for --seeds seeds (its
+  functions under one jitted scan: the same keys and operations as its own loop), next to
+  evomerge's per-seed results from benchmarks/results/m2n2_digits.json;
+- speed: the reference's own search loop and evomerge's (`evomerge run`), alternated twice in the
+  same session, evaluations/s of each and their ratio per pair.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from _results import RESULTS, save_result
+
+ROOT = Path(__file__).resolve().parent.parent
+SIDE = Path(__file__).resolve().parent / "reference_side.py"
+
+
+def reference(python: str, *args: str) -> None:
+    subprocess.run([python, str(SIDE), *args], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def lockstep(record: Path) -> dict:
+    """Replay the reference's children through evomerge's archive and compare every decision."""
+    import torch
+
+    from evomerge.evaluate.base import EvalResult
+    from evomerge.evaluate.classification import ClassificationEvaluator, ClassificationOptions
+    from evomerge.merge import split_point_slerp
+    from evomerge.search.base import Candidate
+    from evomerge.search.m2n2 import M2N2, M2N2Options, match_scores
+    from evomerge.space.weights import WeightSpace
+
+    torch.set_num_threads(1)
+    rec = dict(np.load(record))
+    evaluator = ClassificationEvaluator(ClassificationOptions(device="cpu"))
+    space = WeightSpace(evaluator.layout(), list(rec["inits"].astype(np.float32)))
+    strategy = M2N2(M2N2Options(), space, seed=0)
+    for cid in range(2):
+        proposal = strategy.ask()
+        strategy.tell(Candidate(cid, proposal.genome, proposal.meta), evaluator.evaluate(space.decode(proposal.genome)))
+    worst = {"first_weights": 0.0, "second_weights": 0.0, "crossover": 0.0}
+    slot_mismatches = 0
+    steps = len(rec["slot"])
+    for i in range(steps):
+        size = strategy.size
+        shared, fitness = strategy.shared_fitness()
+        first, second = int(rec["first"][i]), int(rec["second"][i])
+        ours_first = np.zeros(20)
+        ours_first[:size] = fitness / fitness.sum()
+        match = match_scores(shared, first)
+        ours_second = np.zeros(20)
+        ours_second[:size] = match / match.sum()
+        worst["first_weights"] = max(worst["first_weights"], float(np.abs(ours_first - rec["first_weights"][i]).max()))
+        worst["second_weights"] = max(
+            worst["second_weights"], float(np.abs(ours_second - rec["second_weights"][i]).max())
+        )
+        crossed = split_point_slerp(
+            strategy.genomes[first], strategy.genomes[second], int(rec["split"][i]), rec["w"][i]
+        )
+        worst["crossover"] = max(worst["crossover"], float(np.abs(crossed - rec["crossed"][i]).max()))
+        child = rec["child"][i]
+        result: EvalResult = evaluator.evaluate(space.decode(child))
+        ids_before = strategy.ids[: strategy.size].copy()
+        strategy.tell(Candidate(i + 2, child, {}), result)
+        changed = np.flatnonzero(strategy.ids[: len(ids_before)] != ids_before)
+        ours_slot = int(changed[0]) if len(changed) else (len(ids_before) if strategy.size > len(ids_before) else 20)
+        slot_mismatches += ours_slot != int(rec["slot"][i])
+    return {"steps": steps, "slot_mismatches": slot_mismatches, **{f"max_abs_diff_{k}": v for k, v in worst.items()}}
+
+
+def evomerge_speed(steps: int, workdir: Path) -> float:
+    """`evomerge run` of the from-scratch digits spec, as a user runs it; the search loop's evaluations/s."""
+    name = f"speed-{time.time_ns()}"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "evomerge",
+            "run",
+            str(ROOT / "search_spaces" / "m2n2_digits_scratch.yaml"),
+            "--budget",
+            str(steps),
+            "--output",
+            str(workdir),
+            "--name",
+            name,
+            "--quiet",
+        ],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+    summary = json.loads((workdir / name / "summary.json").read_text())
+    return summary["evaluations_per_second"], summary
+
+
+def mean_sd_min_max(values: list[float]) -> dict:
+    return {
+        "mean": round(statistics.fmean(values), 2),
+        "sd": round(statistics.stdev(values), 2) if len(values) > 1 else 0.0,
+        "min": round(min(values), 2),
+        "max": round(max(values), 2),
+        "n": len(values),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reference", required=True, help="folder of a natural_niches checkout")
+    parser.add_argument("--reference-python", default=sys.executable, help="a Python with jax, optax, tqdm, sklearn")
+    parser.add_argument("--seeds", type=int, default=10, help="reference seeds 42, 43, … (default 10)")
+    parser.add_argument("--steps", type=int, default=50000, help="evaluations per accuracy run (default 50,000)")
+    parser.add_argument("--record-steps", type=int, default=3000, help="lockstep length (default 3,000)")
+    parser.add_argument("--speed-steps", type=int, default=3000, help="reference loop steps per timing (default 3,000)")
+    parser.add_argument("--evomerge-speed-steps", type=int, default=20000, help="evomerge evaluations per timing")
+    parser.add_argument("--skip-accuracy", action="store_true", help="lockstep and speed only")
+    args = parser.parse_args()
+    out: dict = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        print("lockstep: recording a reference run ...", file=sys.stderr, flush=True)
+        reference(args.reference_python, "record", args.reference, "42", str(args.record_steps), str(tmp / "rec.npz"))
+        out["lockstep"] = lockstep(tmp / "rec.npz")
+        print("speed: reference loop and evomerge, alternated twice ...", file=sys.stderr, flush=True)
+        pairs = []
+        for _ in range(2):
+            reference(args.reference_python, "speed", args.reference, str(args.speed_steps), str(tmp / "speed.json"))
+            ref_rate = json.loads((tmp / "speed.json").read_text())["evaluations_per_second"]
+            ours_rate, summary = evomerge_speed(args.evomerge_speed_steps, tmp / "runs")
+            pairs.append(
+                {
+                    "reference_evals_per_s": round(ref_rate, 1),
+                    "evomerge_evals_per_s": round(ours_rate, 1),
+                    "ratio": round(ours_rate / ref_rate, 2),
+                    "evomerge_shares": {
+                        k: summary[k] for k in ("evaluator_share", "strategy_share", "test_share", "overhead_share")
+                    },
+                }
+            )
+        out["speed"] = pairs
+        if not args.skip_accuracy:
+            seeds = ",".join(str(42 + k) for k in range(args.seeds))
+            print(f"accuracy: reference seeds {seeds} ...", file=sys.stderr, flush=True)
+            reference(args.reference_python, "accuracy", args.reference, seeds, str(args.steps), str(tmp / "acc.json"))
+            rows = json.loads((tmp / "acc.json").read_text())
+            out["reference_runs"] = rows
+            out["reference_accuracy"] = mean_sd_min_max([100 * r["test"] for r in rows])
+            out["reference_lost_class_runs"] = sum(r["coverage"] < 0.95 for r in rows)
+    ladder = RESULTS / "m2n2_digits.json"
+    if ladder.exists():
+        m2n2 = next(
+            r for r in json.loads(ladder.read_text())["rows"] if r["method"] == "M2N2" and r["setting"] == "scratch"
+        )
+        out["evomerge_accuracy"] = mean_sd_min_max(m2n2["per_seed"])
+        out["evomerge_lost_class_runs"] = m2n2.get("lost_class_runs")
+
+    lock = out["lockstep"]
+    lines = [
+        f"lockstep over {lock['steps']:,} reference steps: replaced-slot mismatches {lock['slot_mismatches']}, "
+        f"max |Δ| first-parent weights {lock['max_abs_diff_first_weights']:.1e}, second-parent weights "
+        f"{lock['max_abs_diff_second_weights']:.1e}, crossover {lock['max_abs_diff_crossover']:.1e}",
+    ]
+    for k, p in enumerate(out["speed"], 1):
+        lines.append(
+            f"speed pair {k}: reference loop {p['reference_evals_per_s']:,.0f} evals/s, evomerge "
+            f"{p['evomerge_evals_per_s']:,.0f} evals/s, ratio {p['ratio']:.2f}x (evomerge shares: evaluator "
+            f"{100 * p['evomerge_shares']['evaluator_share']:.0f}%, strategy "
+            f"{100 * p['evomerge_shares']['strategy_share']:.0f}%, driver "
+            f"{100 * p['evomerge_shares']['overhead_share']:.0f}%)"
+        )
+    for who in ("reference", "evomerge"):
+        acc = out.get(f"{who}_accuracy")
+        if acc:
+            lines.append(
+                f"{who:<9} M2N2 from scratch, {acc['n']} seeds: test {acc['mean']:.2f} ± {acc['sd']:.2f} "
+                f"(min {acc['min']:.2f}, max {acc['max']:.2f}); runs that lost a whole class: "
+                f"{out.get(f'{who}_lost_class_runs')}"
+            )
+    table = "\n".join(lines)
+    print(table)
+    save_result("m2n2_reference", table, [], **out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
