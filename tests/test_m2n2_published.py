@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from evomerge.evaluate.base import EvalResult
-from evomerge.merge import slerp_stats, split_point_slerp
+from evomerge.merge import slerp, slerp_stats, split_point_slerp
 from evomerge.search.base import Candidate
 from evomerge.search.m2n2 import M2N2, GAOptions, M2N2Options, build_ga, competition_fitness, resource_weights
 from evomerge.space.weights import WeightSpace
@@ -181,3 +181,14 @@ def test_matchmaker_falls_back_to_fitness_when_the_first_parent_covers_everyone(
         _tell(strategy, cid, np.full(8, cid + 1, dtype=np.float32), np.array(row))
     seconds = {strategy.ask().meta["parents"][1] for _ in range(200)}
     assert seconds == {0, 1, 2}
+
+
+def test_without_split_point_the_child_is_plain_slerp_at_w():
+    """The reference's crossover_without_splitpoint: one weight w over the whole vector."""
+    strategy = _filled(_new(M2N2Options(population=4, split_point=False, mutation_std=0.0), 64, seed=9))
+    strategy.genomes[:4] = np.random.default_rng(10).standard_normal((4, 64)).astype(np.float32)
+    slot_of = {int(cid): k for k, cid in enumerate(strategy.ids)}
+    proposal = strategy.ask()
+    first, second = (strategy.genomes[slot_of[p]] for p in proposal.meta["parents"])
+    assert proposal.meta["split"] == 64
+    np.testing.assert_allclose(proposal.genome, slerp(first, second, proposal.meta["w"]), rtol=0, atol=1e-6)
