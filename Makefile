@@ -24,7 +24,7 @@ lint: setup
 test: setup lint  ## lint, then the whole test suite
 	$(BIN)/python -m pytest -q
 
-bench: setup  ## ladder step 1: M2N2 and baselines on digits, 5 seeds (about 25 minutes)
+bench: setup  ## ladder step 1: M2N2 and baselines on digits, 10 seeds (about an hour on 2 cores)
 	$(BIN)/python benchmarks/m2n2_digits.py
 
 clean:
