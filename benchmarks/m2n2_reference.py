@@ -89,7 +89,7 @@ def lockstep(record: Path) -> dict:
     return {"steps": steps, "slot_mismatches": slot_mismatches, **{f"max_abs_diff_{k}": v for k, v in worst.items()}}
 
 
-def evomerge_speed(steps: int, workdir: Path) -> float:
+def evomerge_speed(steps: int, workdir: Path) -> tuple[float, dict]:
     """`evomerge run` of the from-scratch digits spec, as a user runs it; the search loop's evaluations/s."""
     name = f"speed-{time.time_ns()}"
     subprocess.run(
