@@ -71,12 +71,16 @@ class RuntimeSpec:
     log_every: int = 500
     threads: int = 1  # torch intra-op threads per process: 1 is fastest for small models on busy CPUs
     progress: bool = True
+    journal_fsync_s: float = 1.0  # a power cut loses at most this many seconds of results (0: fsync every one)
     executor: ExecutorSpec = field(default_factory=ExecutorSpec)
 
     def check(self, path: str) -> None:
         require(self.snapshot_every >= 1, f"{path}.snapshot_every", f"got {self.snapshot_every}, must be >= 1")
         require(self.log_every >= 1, f"{path}.log_every", f"got {self.log_every}, must be >= 1")
         require(self.threads >= 0, f"{path}.threads", f"got {self.threads}, must be >= 0 (0 = torch default)")
+        require(
+            self.journal_fsync_s >= 0, f"{path}.journal_fsync_s", f"got {self.journal_fsync_s}, must be >= 0 seconds"
+        )
 
 
 @dataclass

@@ -122,7 +122,9 @@ def test_torn_journal_line_is_dropped_and_redone(tmp_path: Path, reference_run: 
 def test_sigint_stops_cleanly_and_resumes(tmp_path: Path, reference_run: dict):
     run, proc = interrupted_run(tmp_path, "interrupted", 2000, signal.SIGINT)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 0, err
+    assert proc.returncode == 130, err  # like a shell's Ctrl-C, so `run && export` stops
+    assert "stopping after the current evaluation" in err
+    assert f"continue with: evomerge resume {run}" in err
     info = json.loads((run / "run.json").read_text())
     summary = json.loads((run / "summary.json").read_text())
     assert info["status"] == "interrupted" and summary["status"] == "interrupted"

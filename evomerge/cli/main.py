@@ -165,7 +165,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         f"budget {spec.budget:,} evaluations, seed {spec.seed}",
         file=sys.stderr,
     )
-    run = start_run(spec, progress=not args.quiet)
+    path = Path(spec.output) / spec.name
+    try:
+        run = start_run(spec, progress=not args.quiet)
+    except KeyboardInterrupt:
+        return _interrupted(path)
     return _print_result(run)
 
 
@@ -174,8 +178,20 @@ def cmd_resume(args: argparse.Namespace) -> int:
     from evomerge.store import RunDir
 
     executor = _executor_override(args, RunDir.open(args.run).load_spec().runtime.executor)
-    run = resume_run(args.run, budget=args.budget, progress=not args.quiet, executor=executor)
+    try:
+        run = resume_run(args.run, budget=args.budget, progress=not args.quiet, executor=executor)
+    except KeyboardInterrupt:
+        return _interrupted(Path(args.run))
     return _print_result(run)
+
+
+def _interrupted(path: Path, when: str = "") -> int:
+    """Exit 130, like a shell's Ctrl-C, so `evomerge run … && evomerge export …` stops; say how to go on."""
+    if (path / "run.json").exists():
+        print(f"evomerge: interrupted{when}; continue with: evomerge resume {path}", file=sys.stderr)
+    else:
+        print("evomerge: interrupted before the run started", file=sys.stderr)
+    return 130
 
 
 def _print_result(run) -> int:
@@ -192,7 +208,9 @@ def _print_result(run) -> int:
     print(f"\nrun directory: {run.path}")
     for plot in sorted(run.plots_dir.glob("*.png")) if run.plots_dir.exists() else []:
         print(f"plot: {plot}")
-    return 0 if summary.get("status") in ("finished", "interrupted") else 1
+    if summary.get("status") == "interrupted":
+        return _interrupted(run.path, f" after {summary.get('evaluations', 0):,} evaluations")
+    return 0 if summary.get("status") == "finished" else 1
 
 
 def cmd_report(args: argparse.Namespace) -> int:

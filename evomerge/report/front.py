@@ -175,9 +175,7 @@ def front_rows(front: RunFront) -> list[dict[str, str]]:
     return rows
 
 
-def front_genome(
-    run: RunDir, point: int, objectives: dict[str, str] | None = None
-) -> tuple[np.ndarray, FrontPoint]:
+def front_genome(run: RunDir, point: int, objectives: dict[str, str] | None = None) -> tuple[np.ndarray, FrontPoint]:
     """The genes of front point `point` as `evomerge front` (with the same `--objectives`) numbers them."""
     front = read_front(run, objectives)
     if not front.points:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from evomerge.search import STRATEGIES, Strategy
 from evomerge.seeds import build_seeds, load_seeds, save_seeds
 from evomerge.space import SPACES, Space
 from evomerge.spec import ExecutorSpec, SearchSpec
-from evomerge.store import RunDir
+from evomerge.store import RunDir, read_journal
 from evomerge.store.atomic import atomic_write_text
 from evomerge.weights.io import save_tensors
 
@@ -87,32 +88,62 @@ def start_run(spec: SearchSpec, root: str | Path | None = None, progress: bool =
 def resume_run(
     path: str | Path, budget: int | None = None, progress: bool = True, executor: ExecutorSpec | None = None
 ) -> RunDir:
-    """Continue a run; `executor` replaces the spec's (e.g. resume a laptop run on a cluster)."""
+    """Continue a run; `executor` replaces the spec's (e.g. resume a laptop run on a cluster).
+
+    A resume that cannot replay the journal leaves the run's status as it was.
+    """
     run = RunDir.open(path)
     with run.lock():
         spec = run.check_spec_unchanged()
         if executor is not None:
             spec.runtime.executor = executor
         info = run.info()
-        budget = budget if budget is not None else info["budget"]
-        if budget <= 0:
-            raise RunDirError(f"--budget must be > 0, got {budget}")
-        summary = run.summary() or {}
-        if info["status"] == "finished" and summary.get("evaluations", 0) >= budget:
-            raise RunDirError(
-                f"{run.path} already finished its {budget:,} evaluations; pass a larger --budget to extend it"
-            )
+        done = len(read_journal(run.journal_path)[0])
+        budget = _resume_budget(run, info, budget, done)
         manager = build_manager(run, spec, budget, fresh_seeds=info["status"] == "created", progress=progress)
-        manager.restore()
+        try:
+            replayed = manager.restore()
+        except BaseException:
+            manager.executor.close()
+            raise
+        if replayed:
+            print(f"resume {run.path.name}: replayed {replayed:,} journaled results", file=sys.stderr)
         run.update_info(status="running", budget=budget)
         _drive(run, manager)
     return run
+
+
+def _resume_budget(run: RunDir, info: dict[str, Any], budget: int | None, done: int) -> int:
+    """The total budget to resume to, refused (before anything is built) when nothing would be done."""
+    if budget is None:
+        budget = info["budget"]
+    elif budget <= 0:
+        raise RunDirError(f"--budget must be > 0, got {budget}")
+    summary = run.summary() or {}
+    if info["status"] == "finished" and summary.get("strategy_finished"):
+        raise RunDirError(
+            f"{run.path}: its {summary.get('strategy')} search finished after {done:,} evaluations and has nothing "
+            "more to ask; a larger --budget cannot extend it"
+        )
+    if info["status"] == "finished" and budget <= done:
+        raise RunDirError(
+            f"{run.path} already finished its {done:,} evaluations; pass --budget above {done:,} to extend it"
+        )
+    if budget < done:
+        raise RunDirError(
+            f"--budget {budget:,} is below the {done:,} evaluations {run.path} already journaled; "
+            f"pass at least {done:,}"
+        )
+    return budget
 
 
 def _drive(run: RunDir, manager: SearchManager) -> None:
     try:
         status = manager.loop()
         finish(run, manager, status)
+    except KeyboardInterrupt:  # a second Ctrl-C: the journal is complete, the last periodic snapshot stands
+        run.update_info(status="interrupted")
+        raise
     except BaseException as err:
         run.update_info(status="failed", error=f"{type(err).__name__}: {err}")
         raise

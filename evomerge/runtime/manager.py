@@ -1,13 +1,16 @@
 """The driver loop: ask, evaluate, tell, journal, snapshot.
 
-Resume = load the last snapshot, then run the same loop while the journal still holds results for
-the ids being asked: those results are told instead of re-evaluated. Strategies are
-deterministic given their state, so a resumed run ends identical to an uninterrupted one.
+The journal holds the results in the order they were applied, each with the number of candidates
+asked before it. Resume loads the last snapshot and replays the journal's later entries exactly:
+before each one it asks until that many candidates were asked, then tells the entry. Strategies
+are deterministic given their state, so the replayed search is the one that stopped, whatever the
+executor, worker count or result order was, and may continue on any executor.
 """
 
 from __future__ import annotations
 
 import signal
+import sys
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -23,6 +26,9 @@ from evomerge.search.base import Candidate, Strategy
 from evomerge.space.base import Space
 from evomerge.spec import SearchSpec
 from evomerge.store import Journal, RunDir, decode_scores, encode_scores, load_state, read_journal, save_state
+from evomerge.store.journal import check_journal
+
+_CLOCKS = ("wall_seconds", "eval_seconds", "test_seconds", "strategy_seconds")
 
 
 @dataclass
@@ -69,33 +75,72 @@ class SearchManager:
         self.executor = executor
         self.budget = budget
         self.state = DriverState()
-        self.replay: dict[int, dict[str, Any]] = {}
         self.deterministic = deterministic
-        self._order: deque[int] = deque()  # launched, not yet applied, in launch order
+        self._order: deque[int] = deque()  # asked, not yet applied, in ask order
         self._launched: dict[int, Candidate] = {}
-        self._held: dict[int, tuple[Outcome, bool]] = {}  # results waiting to be applied (from journal?)
-        self._resubmit: list[Candidate] = []
+        self._unsubmitted: list[Candidate] = []  # asked before a resume; submitted when the loop starts
+        self._held: dict[int, Outcome] = {}  # results waiting to be applied
         self._stop = False
+        self._replaying = False
+        self._last_error: str | None = None
+        self._journal: Journal | None = None
         self._progress = Progress(budget, enabled=progress and spec.runtime.progress)
 
+    @property
+    def journal(self) -> Journal:
+        if self._journal is None:
+            self._journal = Journal(self.run.journal_path, self.spec.runtime.journal_fsync_s)
+        return self._journal
+
     # resume ---------------------------------------------------------------------------------
-    def restore(self) -> None:
-        """Load the last snapshot; candidates in flight then are resubmitted, journaled results replayed."""
-        inflight_ids: set[int] = set()
-        if self.run.snapshot_path.exists():
-            snapshot = load_state(self.run.snapshot_path)
-            self.strategy.load_state_dict(snapshot["strategy"])
-            self.state = DriverState(**snapshot["driver"])
-            for c in snapshot.get("inflight", []):
-                self._resubmit.append(Candidate(int(c["id"]), np.asarray(c["genome"]), c["meta"]))
-                inflight_ids.add(int(c["id"]))
-        entries, _ = read_journal(self.run.journal_path)
-        self.replay = {e["id"]: e for e in entries if e["id"] >= self.state.next_id or e["id"] in inflight_ids}
+    def restore(self) -> int:
+        """Load the last snapshot and replay the journal after it; returns the number of results replayed."""
+        self._replaying = True
+        try:
+            if self.run.snapshot_path.exists():
+                snapshot = load_state(self.run.snapshot_path)
+                self.strategy.load_state_dict(snapshot["strategy"])
+                self.state = DriverState(**snapshot["driver"])
+                for c in snapshot.get("inflight", []):
+                    self._ask_as(Candidate(int(c["id"]), np.asarray(c["genome"]), c["meta"]))
+                if "journal" in snapshot:
+                    check_journal(self.run.journal_path, snapshot["journal"], snapshot.get("journal_tail", []))
+            entries = read_journal(self.run.journal_path)[0][self.state.evaluated :]
+            for entry in entries:
+                self._replay(entry)
+        finally:
+            self._replaying = False
+        return len(entries)
+
+    def _replay(self, entry: dict[str, Any]) -> None:
+        cid = entry["id"]
+        asked = entry.get("asked", max(self.state.next_id, cid + 1))  # journals before 0.3 lack "asked"
+        while self.state.next_id < asked:
+            if self._ask() is None:
+                raise RunDirError(
+                    f"journal entry {cid}: the resumed search has nothing to ask where the run asked candidate "
+                    f"{self.state.next_id}; the run cannot be continued exactly"
+                )
+        candidate = self._launched.get(cid)
+        if candidate is None:
+            raise RunDirError(
+                f"journal entry {cid} is for a candidate the resumed search never asked (it asked up to "
+                f"{self.state.next_id - 1}); the run cannot be continued exactly"
+            )
+        if entry.get("meta") != candidate.meta:
+            raise RunDirError(
+                f"journal entry {cid} was made by {entry.get('meta')}, but the resumed search asks "
+                f"{candidate.meta}; the run cannot be continued exactly"
+            )
+        self._unsubmitted = [c for c in self._unsubmitted if c.id != cid]
+        self._tell(Outcome(candidate, _entry_result(entry), entry.get("error"), entry.get("seconds", 0.0)))
+        for name, value in zip(_CLOCKS, entry.get("clock", ())):
+            setattr(self.state, name, value)
+        self._after_result()
 
     # loop -----------------------------------------------------------------------------------
     def loop(self) -> str:
         """Run until the budget is spent, the strategy is done, or a stop is requested."""
-        journal = Journal(self.run.journal_path)
         previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
         for sig in previous:
             signal.signal(sig, self._request_stop)
@@ -103,9 +148,9 @@ class SearchManager:
         wall_before = self.state.wall_seconds
         status = "finished"
         try:
-            for candidate in sorted(self._resubmit, key=lambda c: c.id):
-                self._launch(candidate, check_meta=False)
-            self._resubmit.clear()
+            for candidate in self._unsubmitted:
+                self.executor.submit(candidate)
+            self._unsubmitted.clear()
             while self.state.evaluated < self.budget:
                 if self._stop:
                     status = "interrupted"
@@ -114,94 +159,109 @@ class SearchManager:
                 if not self._order:
                     if self.strategy.finished:
                         break
+                    cause = f"; the last failure: {self._last_error}" if self._last_error else ""
                     raise EvomergeError(
-                        "the strategy has nothing to ask and nothing is being evaluated (did every initial model fail?)"
+                        f"the {self.spec.strategy.name} search has nothing to ask and nothing is being evaluated "
+                        f"after {self.state.evaluated} evaluations ({self.state.failures} failed{cause})"
                     )
                 if not self._ready_to_apply():
                     for outcome in self.executor.collect():
                         self._hold(outcome)
-                for outcome, from_journal in self._take_ready():
-                    self._apply(outcome, journal, from_journal)
+                for outcome in self._take_ready():
                     self.state.wall_seconds = wall_before + time.perf_counter() - start
+                    self._tell(outcome)
+                    self._journal_result(outcome)
                     self._after_result()
+        except BaseException:
+            self.close_journal()
+            raise
         finally:
             self.state.wall_seconds = wall_before + time.perf_counter() - start
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-            journal.close()
             self._progress.close()
-        if status == "finished":
-            self._log_point()  # an interrupted run adds no point, so resuming it reproduces the curve
-        self.snapshot()
+        try:
+            if status == "finished":
+                self._log_point()  # an interrupted run adds no point, so resuming it reproduces the curve
+            self.snapshot()
+        finally:
+            self.close_journal()
         return status
+
+    def close_journal(self) -> None:
+        if self._journal is not None:
+            self._journal.close()
+            self._journal = None
 
     def _request_stop(self, signum: int, frame: object) -> None:
         if self._stop:
             raise KeyboardInterrupt
         self._stop = True
 
+    def _request_stop(self, signum: int, frame: object) -> None:
+        if self._stop:
+            raise KeyboardInterrupt
+        self._stop = True
+        print("\nevomerge: stopping after the current evaluation (Ctrl-C again to stop at once)", file=sys.stderr)
+
     def _fill(self) -> None:
         """Ask until `capacity` candidates are outstanding (or the budget is all asked)."""
         while len(self._order) < self.executor.capacity and self.state.next_id < self.budget:
-            start = time.perf_counter()
-            proposal = self.strategy.ask()
-            self.state.strategy_seconds += time.perf_counter() - start
-            if proposal is None:
+            candidate = self._ask()
+            if candidate is None:
                 return
-            candidate = Candidate(self.state.next_id, proposal.genome, proposal.meta)
-            self.state.next_id += 1
-            self._launch(candidate, check_meta=True)
+            self.executor.submit(candidate)
 
-    def _launch(self, candidate: Candidate, check_meta: bool) -> None:
-        """Submit, or take the journal's result for it (a resumed run re-asks what it had evaluated)."""
+    def _ask(self) -> Candidate | None:
+        start = time.perf_counter()
+        proposal = self.strategy.ask()
+        self.state.strategy_seconds += time.perf_counter() - start
+        if proposal is None:
+            return None
+        candidate = Candidate(self.state.next_id, proposal.genome, proposal.meta)
+        self.state.next_id += 1
+        self._ask_as(candidate)
+        return candidate
+
+    def _ask_as(self, candidate: Candidate) -> None:
         self._order.append(candidate.id)
         self._launched[candidate.id] = candidate
-        entry = self.replay.pop(candidate.id, None)
-        if entry is None:
-            self.executor.submit(candidate)
-            return
-        if check_meta and entry.get("meta") != candidate.meta:
-            raise RunDirError(
-                f"journal entry {candidate.id} was made by {entry.get('meta')}, but the resumed search asks "
-                f"{candidate.meta}; the run cannot be continued deterministically"
-            )
-        outcome = Outcome(candidate, _entry_result(entry), entry.get("error"), entry.get("seconds", 0.0))
-        self._held[candidate.id] = (outcome, True)
+        if self._replaying:
+            self._unsubmitted.append(candidate)
 
     def _hold(self, outcome: Outcome) -> None:
         """Keep a result until it is applied; a second result for the same candidate is dropped."""
         cid = outcome.candidate.id
         if cid in self._launched and cid not in self._held:
-            self._held[cid] = (outcome, False)
+            self._held[cid] = outcome
 
     def _ready_to_apply(self) -> bool:
         if self.deterministic:
             return self._order[0] in self._held
         return bool(self._held)
 
-    def _take_ready(self) -> list[tuple[Outcome, bool]]:
+    def _take_ready(self) -> list[Outcome]:
         """Deterministic: only the oldest outstanding result, so asks and tells interleave the same way
         however results arrive. Otherwise every result that has arrived, as it arrived."""
-        ids = [self._order[0]] if self.deterministic else [i for i in self._order if i in self._held]
-        ready = []
-        for cid in ids:
-            if cid in self._held:
-                ready.append(self._held.pop(cid))
-                self._order.remove(cid)
-                self._launched.pop(cid, None)
-        return ready
+        ids = [self._order[0]] if self.deterministic else list(self._held)
+        return [self._held.pop(cid) for cid in ids if cid in self._held]
 
-    def _apply(self, outcome: Outcome, journal: Journal, from_journal: bool) -> None:
-        candidate, result = outcome.candidate, outcome.result
+    def _tell(self, outcome: Outcome) -> None:
+        """Apply a result; until then its candidate counts as in flight (a snapshot resubmits it)."""
+        self._order.remove(outcome.candidate.id)
+        del self._launched[outcome.candidate.id]
         start = time.perf_counter()
-        self.strategy.tell(candidate, result)
+        self.strategy.tell(outcome.candidate, outcome.result)
         self.state.strategy_seconds += time.perf_counter() - start
         self.state.evaluated += 1
         self.state.eval_seconds += outcome.seconds
-        if result is None:
+        if outcome.result is None:
             self.state.failures += 1
-        if from_journal:
-            return
+            self._last_error = outcome.error
+
+    def _journal_result(self, outcome: Outcome) -> None:
+        """One line per applied result, in application order, with what replaying it needs."""
+        candidate, result = outcome.candidate, outcome.result
         entry: dict[str, Any] = {"id": candidate.id, "status": "ok" if result is not None else "failed"}
         if result is not None:
             entry["objectives"] = result.objectives
@@ -211,12 +271,16 @@ class SearchManager:
             entry["error"] = outcome.error
         entry["meta"] = candidate.meta
         entry["seconds"] = round(outcome.seconds, 6)
-        journal.append(entry)
+        entry["asked"] = self.state.next_id
+        entry["clock"] = [round(getattr(self.state, name), 6) for name in _CLOCKS]
+        self.journal.append(entry)
 
     def _after_result(self) -> None:
         runtime, done = self.spec.runtime, self.state.evaluated
         if done % runtime.log_every == 0 or done == 1:
             self._log_point()
+        if self._replaying:  # a snapshot must match the journal's length; progress shows live work only
+            return
         if done % runtime.snapshot_every == 0:
             self.snapshot()
         best = self.strategy.best()
@@ -252,10 +316,20 @@ class SearchManager:
         self.state.curve.append(point)
 
     def snapshot(self) -> None:
-        """Strategy, driver counters, and the candidates in flight (resubmitted on resume)."""
+        """Strategy, driver counters, the candidates in flight (resubmitted on resume), and the journal's
+        length and checksum with the lines added since the last snapshot (to repair a journal left behind)."""
+        journal = self.journal
+        journal.sync()  # never a snapshot ahead of the durable journal
         inflight = [{"id": c.id, "genome": c.genome, "meta": c.meta} for c in self._launched.values()]
-        state = {"strategy": self.strategy.state_dict(), "driver": self.state.to_dict(), "inflight": inflight}
+        state = {
+            "strategy": self.strategy.state_dict(),
+            "driver": self.state.to_dict(),
+            "inflight": inflight,
+            "journal": journal.mark.to_dict(),
+            "journal_tail": journal.recent_lines(),
+        }
         save_state(self.run.snapshot_path, state)
+        journal.forget_recent()
 
     # results --------------------------------------------------------------------------------
     def summary(self, status: str) -> dict[str, Any]:
@@ -279,6 +353,7 @@ class SearchManager:
             # the driver's own time: journal, snapshots, progress, bookkeeping
             "overhead_share": round(max(0.0, 1 - (s.eval_seconds + s.test_seconds + s.strategy_seconds) / wall), 4),
             "final_stats": self.strategy.stats(),
+            "strategy_finished": self.strategy.finished,
         }
 
     def best_genome(self) -> np.ndarray | None:

@@ -112,9 +112,7 @@ class NestedMapSearch(ParetoStrategy):
             scores = engine.Y @ np.array([wa, wb])
             alpha, beta = engine.X[int(np.argmin(scores))]
             merged.append((np.clip(alpha * va + beta * vb, self.low, self.high), sorted(ta + tb)))
-            self.choices.append(
-                {"level": self.level, "groups": [ta, tb], "coefficients": [float(alpha), float(beta)]}
-            )
+            self.choices.append({"level": self.level, "groups": [ta, tb], "coefficients": [float(alpha), float(beta)]})
             used |= {a, b}
         carried = [g for i, g in enumerate(self.groups) if i not in used]
         self.groups = merged + carried

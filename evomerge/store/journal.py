@@ -8,12 +8,17 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import threading
 import zlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from evomerge.errors import RunDirError
 
 _PREFIX = '{"crc32":"'
 _ENTRY = '","entry":'
@@ -54,38 +59,144 @@ def parse_line(line: str) -> dict[str, Any] | None:
 
 def read_journal(path: str | Path) -> tuple[list[dict[str, Any]], int]:
     """Entries up to the first bad line, and the byte length of that good prefix."""
-    path = Path(path)
+    entries, lines = _read_lines(Path(path))
+    return entries, sum(len(raw) for raw in lines)
+
+
+def _read_lines(path: Path) -> tuple[list[dict[str, Any]], list[bytes]]:
     entries: list[dict[str, Any]] = []
-    good = 0
+    lines: list[bytes] = []
     if not path.exists():
-        return entries, good
+        return entries, lines
     with open(path, "rb") as f:
         for raw in f:
             entry = parse_line(raw.decode("utf-8", errors="replace"))
             if entry is None:
                 break
             entries.append(entry)
-            good += len(raw)
-    return entries, good
+            lines.append(raw)
+    return entries, lines
 
 
 def iter_journal(path: str | Path) -> Iterator[dict[str, Any]]:
     yield from read_journal(path)[0]
 
 
-class Journal:
-    """Appends go straight to the OS (no Python buffering), so a killed driver loses no whole line."""
+@dataclass(frozen=True)
+class JournalMark:
+    """How long the journal was when a snapshot was taken: entries, bytes, and the CRC32 of those bytes."""
 
-    def __init__(self, path: str | Path):
+    entries: int
+    size: int
+    crc32: int
+
+    def to_dict(self) -> dict[str, int]:
+        return {"entries": self.entries, "size": self.size, "crc32": self.crc32}
+
+
+class Journal:
+    """Appends go straight to the OS; a background thread fsyncs within `fsync_seconds` of each append.
+
+    So a killed driver loses no whole line, and a power cut loses at most the results applied in the
+    last `fsync_seconds` (0: fsync every line). `sync()` makes everything durable at once (before a
+    snapshot, so a snapshot is never ahead of the journal).
+    """
+
+    def __init__(self, path: str | Path, fsync_seconds: float = 1.0):
         self.path = Path(path)
-        _, good = read_journal(self.path)
+        entries, lines = _read_lines(self.path)
+        good = sum(len(raw) for raw in lines)
         if self.path.exists() and self.path.stat().st_size > good:
             with open(self.path, "r+b") as f:
                 f.truncate(good)
-        self._file = open(self.path, "a", buffering=1)
+        self._crc = 0
+        for raw in lines:
+            self._crc = zlib.crc32(raw, self._crc)
+        self._entries, self._size = len(entries), good
+        self._recent: list[str] = []
+        self._file = open(self.path, "ab", buffering=0)
+        self._fsync_seconds = fsync_seconds
+        self._dirty = threading.Event()
+        self._closed = threading.Event()
+        self._lock = threading.Lock()
+        self._syncer = None
+        if fsync_seconds > 0:
+            self._syncer = threading.Thread(target=self._sync_loop, name="journal-fsync", daemon=True)
+            self._syncer.start()
+
+    @property
+    def mark(self) -> JournalMark:
+        return JournalMark(self._entries, self._size, self._crc)
 
     def append(self, entry: dict[str, Any]) -> None:
-        self._file.write(format_line(entry))
+        line = format_line(entry)
+        self._recent.append(line)
+        raw = line.encode()
+        with self._lock:
+            view = memoryview(raw)
+            while view:
+                view = view[self._file.write(view) :]
+            self._crc = zlib.crc32(raw, self._crc)
+            self._entries += 1
+            self._size += len(raw)
+        if self._fsync_seconds > 0:
+            self._dirty.set()
+        else:
+            os.fsync(self._file.fileno())
+
+    def recent_lines(self) -> list[str]:
+        """The lines appended since the last `forget_recent()`."""
+        return list(self._recent)
+
+    def forget_recent(self) -> None:
+        self._recent.clear()
+
+    def sync(self) -> None:
+        with self._lock:
+            if not self._file.closed:
+                os.fsync(self._file.fileno())
+
+    def _sync_loop(self) -> None:
+        while not self._closed.is_set():
+            self._dirty.wait()
+            self._dirty.clear()
+            if self._closed.wait(self._fsync_seconds):
+                return
+            self.sync()
 
     def close(self) -> None:
+        self.sync()
+        self._closed.set()
+        self._dirty.set()
+        if self._syncer is not None:
+            self._syncer.join()
         self._file.close()
+
+
+def check_journal(path: str | Path, mark: dict[str, int], tail: list[str]) -> None:
+    """Make the journal agree with a snapshot's mark: repair it from `tail` (the lines the snapshot
+    saw appended since the one before) when it is behind, refuse when it was changed."""
+    path = Path(path)
+    entries, lines = _read_lines(path)
+    have = len(lines)
+    if have < mark["entries"]:
+        missing = mark["entries"] - have
+        if missing > len(tail):
+            raise RunDirError(
+                f"{path} holds {have:,} results but the snapshot was taken after {mark['entries']:,}, and it "
+                f"keeps only the last {len(tail):,}; the journal cannot be repaired"
+            )
+        Journal(path, fsync_seconds=0).close()  # truncates a torn last line
+        with open(path, "ab") as f:
+            f.write("".join(tail[len(tail) - missing :]).encode())
+            f.flush()
+            os.fsync(f.fileno())
+        entries, lines = _read_lines(path)
+    crc = 0
+    for raw in lines[: mark["entries"]]:
+        crc = zlib.crc32(raw, crc)
+    if crc != mark["crc32"]:
+        raise RunDirError(
+            f"{path}: its first {mark['entries']:,} results differ from the ones the snapshot was taken after "
+            "(the file was changed or replaced); restore it, or start a new run"
+        )
