@@ -8,11 +8,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
-from evomerge.errors import SpecError
 from evomerge.registry import Component
 from evomerge.schema import parse, require, to_plain
+from evomerge.yaml_io import dump_plain_yaml, read_yaml_mapping
 
 
 @dataclass
@@ -136,7 +134,7 @@ class SearchSpec:
         return hashlib.sha256(json.dumps(plain, sort_keys=True).encode()).hexdigest()
 
     def dump(self) -> str:
-        return yaml.safe_dump(self.to_plain(), sort_keys=False)
+        return dump_plain_yaml(self.to_plain())
 
 
 def spec_from_dict(data: Any) -> SearchSpec:
@@ -165,14 +163,6 @@ def spec_from_dict(data: Any) -> SearchSpec:
 
 def load_spec(path: str | Path, overrides: dict[str, Any] | None = None) -> SearchSpec:
     """Read and validate a YAML spec; `overrides` (from the CLI) replace top-level fields."""
-    path = Path(path)
-    if not path.is_file():
-        raise SpecError("", f"spec file {str(path)!r} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise SpecError("", f"{path} is not valid YAML: {err}") from err
-    if not isinstance(data, dict):
-        raise SpecError("", f"{path} must hold a mapping of fields, got {type(data).__name__}")
+    data = read_yaml_mapping(path, "spec file")
     data.update({k: v for k, v in (overrides or {}).items() if v is not None})
     return spec_from_dict(data)

@@ -514,3 +514,23 @@ def test_multitask_options_are_checked(options: dict, message: str):
     spec["evaluator"].update(options)
     with pytest.raises(SpecError, match=message):
         spec_from_dict(spec)
+
+
+def test_resume_of_a_strategy_that_finished_says_so_at_once(map_run: Path, capsys):
+    """MAP evaluates a fixed design (22 points here); a larger budget cannot extend it."""
+    import time
+
+    start = time.monotonic()
+    assert main(["resume", str(map_run), "--budget", "30", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "its map search finished after 22 evaluations and has nothing more to ask" in err
+    assert time.monotonic() - start < 5  # refused before anything is built
+    assert json.loads((map_run / "run.json").read_text())["status"] == "finished"
+
+
+def test_export_point_with_other_objectives_gets_its_own_folder(map_run: Path, capsys):
+    goals = "accuracy_high:max,accuracy_low:max"
+    assert main(["export", str(map_run), "--point", "0"]) == 0
+    assert main(["export", str(map_run), "--point", "0", "--objectives", goals]) == 0
+    folders = sorted(p.name for p in (map_run / "export").iterdir() if p.name.startswith("point-0"))
+    assert folders == ["point-0", "point-0-accuracy_high-max-accuracy_low-max"]

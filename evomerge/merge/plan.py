@@ -14,8 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
 from evomerge.errors import SpecError
 from evomerge.merge.base import MERGE_METHODS
 from evomerge.merge.streaming import merge_checkpoints
@@ -23,6 +21,7 @@ from evomerge.registry import Component
 from evomerge.schema import parse, require
 from evomerge.weights.blocks import BlockMap
 from evomerge.weights.checkpoint import Checkpoint
+from evomerge.yaml_io import dump_plain_yaml, read_yaml_mapping
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)B?\s*$", re.IGNORECASE)
 
@@ -63,14 +62,11 @@ class MergePlan:
 
     @classmethod
     def load(cls, path: str | Path) -> MergePlan:
-        path = Path(path)
-        if not path.is_file():
-            raise SpecError("", f"merge plan {str(path)!r} does not exist")
-        data = yaml.safe_load(path.read_text())
+        data = read_yaml_mapping(path, "merge plan")
         raw = parse(_RawPlan, data)
         method = MERGE_METHODS.resolve(raw.method, "method")
         block_methods = {
-            block: MERGE_METHODS.resolve({**method.to_plain(), **override}, f"blocks.{block}")
+            block: MERGE_METHODS.resolve(_block_override(method, override), f"blocks.{block}")
             for block, override in raw.blocks.items()
         }
         return cls(
@@ -88,7 +84,7 @@ class MergePlan:
     def run(self, out: str | Path) -> Path:
         models = [Checkpoint.open(p, self.allow_pickle) for p in self.models]
         base = None if self.base is None else Checkpoint.open(self.base, self.allow_pickle)
-        plan_text = yaml.safe_dump(self.source, sort_keys=False)
+        plan_text = dump_plain_yaml(self.source)
         names = (base or models[0]).names()
         blocks = BlockMap.by_layer(names, self.regex) if self.block_by == "layer" else BlockMap.per_tensor(names)
         return merge_checkpoints(
@@ -102,3 +98,10 @@ class MergePlan:
             block_methods=self.block_methods,
             blocks=blocks,
         )
+
+
+def _block_override(method: Component, override: Any) -> Any:
+    """A block's method: the global one with some options changed, or (naming another method) its own."""
+    if isinstance(override, dict) and override.get("name", method.name) == method.name:
+        return {**method.to_plain(), **override}
+    return override

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from evomerge.errors import EvomergeError
 from evomerge.report.tables import read_curve
 from evomerge.store import RunDir
 
@@ -66,12 +67,16 @@ def plot_run(run: RunDir) -> list[str]:
 
 def compare_runs(runs: list[RunDir], out: Path, metric: str = "test_accuracy") -> str | None:
     """Several runs' curves of one metric on one plot."""
+    curves = {run.path.name: read_curve(run) for run in runs}
+    columns = sorted({k for curve in curves.values() for point in curve for k in point})
+    if metric not in columns:
+        raise EvomergeError(f"--metric: no run has a {metric!r} column in curve.csv; columns: {', '.join(columns)}")
     plt = pyplot()
     if plt is None:
         return None
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     for run in runs:
-        curve = read_curve(run)
+        curve = curves[run.path.name]
         if curve and metric in curve[0]:
             ax.plot([p["evaluations"] for p in curve], [p.get(metric) for p in curve], label=run.path.name)
     ax.set_xlabel("evaluations")

@@ -7,12 +7,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
 from evomerge.errors import EvomergeError
 from evomerge.runtime.driver import build_parts
 from evomerge.store import RunDir, iter_journal, load_state
 from evomerge.weights.checkpoint import write_checkpoint
+from evomerge.yaml_io import dump_plain_yaml
 
 
 def archive_members(strategy_state: dict[str, Any]) -> dict[int, np.ndarray]:
@@ -60,7 +60,8 @@ def export_front_point(
     spec = run.check_spec_unchanged()
     genome, chosen = front_genome(run, point, objectives)
     _, space, _ = build_parts(run, spec, fresh_seeds=False)
-    target = Path(out) if out else run.path / "export" / f"point-{point}"
+    label = f"point-{point}" + ("" if objectives is None else "-" + "-".join(f"{k}-{v}" for k, v in objectives.items()))
+    target = Path(out) if out else run.path / "export" / label
     return _write_export(run, spec, space, genome, chosen.id, target, {"front_point": point})
 
 
@@ -69,11 +70,11 @@ def _write_export(
 ) -> Path:
     entry = next((e for e in iter_journal(run.journal_path) if e["id"] == individual), None)
     recipe = {
-        "run": str(run.path),
+        "run": str(run.path.resolve()),
         "individual": individual,
         **(extra_recipe or {}),
         "space": spec.space.to_plain(),
-        "seeds": [str(p) for p in sorted(run.seeds_dir.glob("seed_*.safetensors"))],
+        "seeds": [str(p.resolve()) for p in sorted(run.seeds_dir.glob("seed_*.safetensors"))],
         "objectives": None if entry is None else entry.get("objectives"),
         "lineage": None if entry is None else entry.get("meta"),
     }
@@ -84,7 +85,7 @@ def _write_export(
     extra = {"recipe.json": json.dumps(recipe, indent=2) + "\n"}
     plan = space.to_plan(genome, recipe["seeds"]) if hasattr(space, "to_plan") else None
     if plan is not None:  # re-apply with `evomerge merge merge_plan.yaml` (e.g. to full-precision models)
-        extra["merge_plan.yaml"] = yaml.safe_dump(plan, sort_keys=False)
+        extra["merge_plan.yaml"] = dump_plain_yaml(plan)
     tensors = space.decode(genome)
     entries = [(n, tuple(t.shape), t.dtype) for n, t in tensors.items()]
     return write_checkpoint(

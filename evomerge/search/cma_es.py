@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 from cmaes import SepCMA
 
+from evomerge.errors import SpecError
 from evomerge.evaluate.base import EvalResult
 from evomerge.schema import require
 from evomerge.search import STRATEGIES
@@ -75,6 +76,12 @@ class CMAES(Strategy):
             mean = inits[0].astype(np.float64)
         else:
             mean = (np.asarray(low) + np.asarray(high)) / 2
+        if mean.shape[0] < 2:
+            raise SpecError(
+                "strategy",
+                f"cma_es needs a space of at least 2 genes, this one has {mean.shape[0]}; "
+                "use random or grid for one gene",
+            )
         bounds = None if low is None else np.stack([low, high], axis=1).astype(np.float64)
         self.cma = SepCMA(mean=mean, sigma=options.sigma0, bounds=bounds, population_size=options.population, seed=seed)
         self.generation_x: list[np.ndarray] = []
