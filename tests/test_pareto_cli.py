@@ -169,7 +169,12 @@ def test_front_command_prints_the_table_and_hypervolume(map_run: Path, capsys):
     lines = out.splitlines()
     assert lines[0] == f"map-mnist-2tasks: {len(rows)} front points of 22 evaluated"
     assert re.split(r"\s{2,}", lines[1].strip())[:6] == [
-        "point", "id", "accuracy_low", "accuracy_high", "pred accuracy_low", "pred accuracy_high"
+        "point",
+        "id",
+        "accuracy_low",
+        "accuracy_high",
+        "pred accuracy_low",
+        "pred accuracy_high",
     ]
     body = [line.split() for line in lines[3 : 3 + len(rows)]]
     assert [b[:2] for b in body] == [[r["point"], r["id"]] for r in rows]

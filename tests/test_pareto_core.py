@@ -53,9 +53,7 @@ def test_quadratic_features_columns_of_a_hand_made_point():
         [[1.0, 2.0, 3.0, 4.0, 6.0, 9.0], [1.0, -1.0, 0.5, 1.0, -0.5, 0.25]],
     )
     # 3 genes: 1, x0..x2, then x0x0 x0x1 x0x2 x1x1 x1x2 x2x2
-    np.testing.assert_array_equal(
-        quadratic_features(np.array([1.0, 2.0, 3.0])), [[1, 1, 2, 3, 1, 2, 3, 4, 6, 9]]
-    )
+    np.testing.assert_array_equal(quadratic_features(np.array([1.0, 2.0, 3.0])), [[1, 1, 2, 3, 1, 2, 3, 4, 6, 9]])
 
 
 @pytest.mark.parametrize("d, expected", [(1, 3), (2, 6), (3, 10), (4, 15), (8, 45)])

@@ -557,6 +557,20 @@ def test_nested_map_finishes_after_its_levels(tasks: int, levels: int, pairs: in
     assert all(np.all((c.genome >= 0) & (c.genome <= 1)) for c in loop.asked)
 
 
+def test_nested_map_pair_engines_see_accuracies_and_fit_sigmoid_links():
+    """Pairs are told natural accuracies (in [0, 1]), so `auto` links choose sigmoid, as plain MAP's do."""
+    names = [f"accuracy_t{i}" for i in range(4)]
+    strategy = NestedMapSearch(NestedMapOptions(objectives=dict.fromkeys(names, "max")), box(4), 0)
+    loop = Loop(strategy, four_tasks(names))
+    while strategy.level == 0 and not all(e.surrogates for e in strategy.engines):
+        if not loop.ask_all():
+            break
+        loop.tell_all()
+    engine = strategy.engines[0]
+    assert engine.Y.min() >= 0 and engine.Y.max() <= 1
+    assert [s.link for s in engine.surrogates] == ["sigmoid", "sigmoid"]
+
+
 def test_nested_map_skewed_preference_favours_the_preferred_task():
     names = [f"accuracy_t{i}" for i in range(4)]
     evaluate = four_tasks(names)

@@ -197,11 +197,6 @@ class SearchManager:
         if self._stop:
             raise KeyboardInterrupt
         self._stop = True
-
-    def _request_stop(self, signum: int, frame: object) -> None:
-        if self._stop:
-            raise KeyboardInterrupt
-        self._stop = True
         print("\nevomerge: stopping after the current evaluation (Ctrl-C again to stop at once)", file=sys.stderr)
 
     def _fill(self) -> None:

@@ -107,10 +107,12 @@ class CMAES(Strategy):
             if sign * value > sign * self.best_value or self.best_genome is None:
                 self.best_value, self.best_genome = value, candidate.genome.copy()
         else:
-            loss = self.worst_loss + 1.0
+            loss = None  # ranked last once the whole generation is in, whatever arrives after it
         self.told[int(candidate.meta["member"])] = loss
         if len(self.told) == self.options.population:
-            self.cma.tell([(self.generation_x[k], self.told[k]) for k in range(self.options.population)])
+            failed = max([self.worst_loss] + [v for v in self.told.values() if v is not None]) + 1.0
+            losses = [failed if self.told[k] is None else self.told[k] for k in range(self.options.population)]
+            self.cma.tell(list(zip(self.generation_x, losses)))
             self.generation_x, self.told = [], {}
 
     def best(self) -> tuple[np.ndarray, float] | None:

@@ -76,8 +76,12 @@ class NestedMapSearch(ParetoStrategy):
         self.low, self.high = np.asarray(space.low, dtype=np.float64), np.asarray(space.high, dtype=np.float64)
         weights = options.preference or [1.0] * d
         self.preference = np.asarray(weights, dtype=np.float64) / float(np.sum(weights))
+        # pair engines see natural values (accuracies stay in [0, 1], so `auto` links pick sigmoid) when
+        # every task shares one goal; with mixed goals a group's mean is only meaningful minimised
+        goals = set(self.objectives.goals.values())
+        self.pair_goal = goals.pop() if len(goals) == 1 else "min"
         self.pair_options = MapOptions(
-            objectives={"first": "min", "second": "min"},
+            objectives={"first": self.pair_goal, "second": self.pair_goal},
             design_points=options.design_points,
             front_points=options.front_points,
             pop_size=options.pop_size,
@@ -91,6 +95,9 @@ class NestedMapSearch(ParetoStrategy):
         self._next_level()
 
     # levels -------------------------------------------------------------------------------
+    def _pair_signs(self) -> np.ndarray:
+        return np.full(2, -1.0 if self.pair_goal == "max" else 1.0)
+
     def _weight(self, tasks: list[int]) -> float:
         return float(self.preference[tasks].sum())
 
@@ -99,7 +106,7 @@ class NestedMapSearch(ParetoStrategy):
         order = sorted(range(len(self.groups)), key=lambda g: (-self._weight(self.groups[g][1]), g))
         self.pairs = [(order[i], order[i + 1]) for i in range(0, len(order) - 1, 2)]
         self.engines = [
-            MapRounds(self.pair_options, np.zeros(2), np.ones(2), np.ones(2), self.seed + 1000 * self.level + k)
+            MapRounds(self.pair_options, np.zeros(2), np.ones(2), self._pair_signs(), self.seed + 1000 * self.level + k)
             for k in range(len(self.pairs))
         ]
 
@@ -109,7 +116,7 @@ class NestedMapSearch(ParetoStrategy):
         for (a, b), engine in zip(self.pairs, self.engines):
             (va, ta), (vb, tb) = self.groups[a], self.groups[b]
             wa, wb = self._weight(ta), self._weight(tb)
-            scores = engine.Y @ np.array([wa, wb])
+            scores = (engine.Y * engine.signs) @ np.array([wa, wb])
             alpha, beta = engine.X[int(np.argmin(scores))]
             merged.append((np.clip(alpha * va + beta * vb, self.low, self.high), sorted(ta + tb)))
             self.choices.append({"level": self.level, "groups": [ta, tb], "coefficients": [float(alpha), float(beta)]})
@@ -134,13 +141,13 @@ class NestedMapSearch(ParetoStrategy):
                     f"list the objectives in the evaluator's task order: {', '.join(tasks)}",
                 )
 
-    def _group_objectives(self, minimised: np.ndarray, pair: int) -> np.ndarray:
-        """The pair's two objectives: each group's preference-weighted mean of its tasks' minimised metrics."""
+    def _group_objectives(self, values: np.ndarray, pair: int) -> np.ndarray:
+        """The pair's two objectives: each group's preference-weighted mean of its tasks' metrics."""
         out = []
         for g in self.pairs[pair]:
             tasks = self.groups[g][1]
             w = self.preference[tasks] if self._weight(tasks) > 0 else np.ones(len(tasks))
-            out.append(float(np.dot(w, minimised[tasks]) / w.sum()))
+            out.append(float(np.dot(w, values[tasks]) / w.sum()))
         return np.array(out)
 
     # ask/tell ---------------------------------------------------------------------------------
@@ -168,7 +175,8 @@ class NestedMapSearch(ParetoStrategy):
             self.engines[pair].tell(point, None)
             return
         minimised = self.objectives.minimised(result.objectives)
-        self.engines[pair].tell(point, self._group_objectives(minimised, pair))
+        values = minimised if self.pair_goal == "min" else self.objectives.natural(minimised)
+        self.engines[pair].tell(point, self._group_objectives(values, pair))
         self.record(candidate.genome, minimised)
 
     def record(self, genome: np.ndarray, minimised: np.ndarray) -> None:
@@ -199,7 +207,7 @@ class NestedMapSearch(ParetoStrategy):
         ]
         self.pairs = [(int(a), int(b)) for a, b in state["pairs"]]
         self.engines = [
-            MapRounds(self.pair_options, np.zeros(2), np.ones(2), np.ones(2), self.seed + 1000 * self.level + k)
+            MapRounds(self.pair_options, np.zeros(2), np.ones(2), self._pair_signs(), self.seed + 1000 * self.level + k)
             for k in range(len(self.pairs))
         ]
         for engine, engine_state in zip(self.engines, state["engines"]):
