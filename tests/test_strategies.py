@@ -156,3 +156,16 @@ def test_grid_sweeps_every_point_then_finishes():
     assert strategy.finished and strategy.ask() is None
     np.testing.assert_allclose(np.ravel(genomes), np.linspace(0, 1, 50), atol=1e-7)
     assert grid_points(np.zeros(2), np.ones(2), 9).shape == (9, 2)
+
+
+def test_cma_es_state_with_a_failed_member_round_trips():
+    strategy, space = build("cma_es")
+    proposals = [strategy.ask() for _ in range(4)]
+    strategy.tell(Candidate(1, proposals[1].genome, proposals[1].meta), None)
+    restored, _ = build("cma_es")
+    restored.load_state_dict(strategy.state_dict())
+    assert restored.told == {1: None} and restored.worst_loss is None
+    for cid in (0, 2, 3):
+        for s in (strategy, restored):
+            s.tell(Candidate(cid, proposals[cid].genome, proposals[cid].meta), EvalResult({"accuracy": 0.1 * cid}))
+    np.testing.assert_array_equal(strategy.ask().genome, restored.ask().genome)

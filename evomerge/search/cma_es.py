@@ -85,10 +85,10 @@ class CMAES(Strategy):
         bounds = None if low is None else np.stack([low, high], axis=1).astype(np.float64)
         self.cma = SepCMA(mean=mean, sigma=options.sigma0, bounds=bounds, population_size=options.population, seed=seed)
         self.generation_x: list[np.ndarray] = []
-        self.told: dict[int, float] = {}
+        self.told: dict[int, float | None] = {}  # member -> loss; None: failed
         self.best_genome: np.ndarray | None = None
         self.best_value = -np.inf
-        self.worst_loss = 0.0
+        self.worst_loss: float | None = None  # the worst loss seen in any generation
 
     def ask(self) -> Proposal | None:
         if len(self.generation_x) >= self.options.population:
@@ -103,14 +103,15 @@ class CMAES(Strategy):
         if result is not None:
             value = result.objectives[self.options.objective]
             loss = -sign * value
-            self.worst_loss = max(self.worst_loss, loss)
+            self.worst_loss = loss if self.worst_loss is None else max(self.worst_loss, loss)
             if sign * value > sign * self.best_value or self.best_genome is None:
                 self.best_value, self.best_genome = value, candidate.genome.copy()
         else:
             loss = None  # ranked last once the whole generation is in, whatever arrives after it
         self.told[int(candidate.meta["member"])] = loss
         if len(self.told) == self.options.population:
-            failed = max([self.worst_loss] + [v for v in self.told.values() if v is not None]) + 1.0
+            seen = [v for v in [self.worst_loss, *self.told.values()] if v is not None]
+            failed = max(seen, default=0.0) + 1.0
             losses = [failed if self.told[k] is None else self.told[k] for k in range(self.options.population)]
             self.cma.tell(list(zip(self.generation_x, losses)))
             self.generation_x, self.told = [], {}
@@ -138,10 +139,10 @@ class CMAES(Strategy):
         _restore_object_state(self.cma, state["cma"])
         gx = state["generation_x"]
         self.generation_x = [] if gx is None else list(np.asarray(gx))
-        self.told = {int(k): float(v) for k, v in state["told"].items()}
+        self.told = {int(k): None if v is None else float(v) for k, v in state["told"].items()}
         self.best_genome = state["best_genome"]
         self.best_value = float(state["best_value"])
-        self.worst_loss = float(state["worst_loss"])
+        self.worst_loss = None if state["worst_loss"] is None else float(state["worst_loss"])
 
 
 @STRATEGIES.register("cma_es", CMAESOptions, "separable CMA-ES (cmaes.SepCMA)")
