@@ -59,8 +59,8 @@ def _restore_object_state(obj: object, state: dict[str, Any]) -> None:
                     value["cached"],
                 )
             )
-        else:
-            setattr(obj, key, value)
+        else:  # arrays are copied: a restored optimizer never shares (and mutates) the state it came from
+            setattr(obj, key, value.copy() if isinstance(value, np.ndarray) else value)
 
 
 class CMAES(Strategy):
