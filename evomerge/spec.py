@@ -49,7 +49,9 @@ class ExecutorSpec:
     gpus_per_worker: float = 0.0
     accelerator_type: str | None = None  # e.g. H100: place workers only on nodes with it
     in_flight_per_worker: int = 2
-    deadline_s: float = 600.0
+    deadline_s: float = 600.0  # per evaluation, counted from when a worker starts it
+    start_timeout_s: float | None = None  # per worker start; default 120 s + 30 s per GiB of seed models
+    runtime_env: dict[str, Any] | None = None  # Ray runtime environment of the workers, e.g. {py_modules: [dir]}
     deterministic: bool = False  # apply results in submission order (reproducible, slower)
     dashboard: bool = False  # with address 'local': start Ray's dashboard (needs ray[default])
 
@@ -59,6 +61,8 @@ class ExecutorSpec:
         require(self.gpus_per_worker >= 0, f"{path}.gpus_per_worker", f"got {self.gpus_per_worker}, must be >= 0")
         require(self.in_flight_per_worker >= 1, f"{path}.in_flight_per_worker", "must be >= 1")
         require(self.deadline_s > 0, f"{path}.deadline_s", f"got {self.deadline_s}, must be > 0")
+        if self.start_timeout_s is not None:
+            require(self.start_timeout_s > 0, f"{path}.start_timeout_s", f"got {self.start_timeout_s}, must be > 0")
 
 
 @dataclass

@@ -136,11 +136,11 @@ def test_results_out_of_order_and_in_flight_bound(tmp_path):
     try:
         for cid in range(6):
             pool.submit(Candidate(cid, seeds[cid % 2], {}))
-            assert len(pool.pending) <= pool.capacity == 2
+            assert len(pool.running) <= pool.capacity == 2
         order = []
         while pool.in_flight():
             order += [o.candidate.id for o in pool.collect()]
-            assert len(pool.pending) <= 2
+            assert len(pool.running) <= 2
         assert sorted(order) == list(range(6)) and order[0] != 0 and order.index(0) > 0
     finally:
         pool.close()

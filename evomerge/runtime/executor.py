@@ -12,10 +12,14 @@ from typing import Protocol
 
 import numpy as np
 
-from evomerge.errors import EvaluationError
+from evomerge.errors import EvaluationError, EvomergeError
 from evomerge.evaluate.base import EvalResult, Evaluator, as_result
 from evomerge.search.base import Candidate
 from evomerge.space.base import Space
+
+
+class ExecutorFailure(EvomergeError):
+    """The executor cannot go on (its cluster failed, no worker can start); the driver stops resumable."""
 
 
 @dataclass

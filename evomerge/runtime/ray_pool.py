@@ -1,18 +1,36 @@
 """The Ray executor: long-lived evaluator actors fed small genomes, with our own pool over `ray.wait`.
 
 Each actor builds its evaluator once and loads the seed models from the run directory's files
-(never through object refs), so only genomes (kilobytes) cross the network per candidate. The
-driver owns retries: an evaluator exception is an ordinary failed outcome; a dead worker is
-replaced and its candidate resubmitted; a candidate that has killed two workers is poisoned; a
-candidate past its deadline is cancelled and resubmitted once, then failed.
+(never through object refs), so only genomes (kilobytes) cross the network per candidate.
+
+One fault policy covers every task the pool runs, candidate evaluations and test passes alike.
+Ray's errors are sorted into four kinds (`classify`):
+
+- transient (an actor briefly unreachable, a lost result object): the task is retried on any
+  worker, without blame, up to `MAX_TRANSIENT` times;
+- worker death (the process crashed, was killed or ran out of memory): the worker is replaced, its
+  other tasks are resubmitted, and the task it was running is blamed; a task that killed
+  `MAX_KILLS` workers on nodes that are still alive is poisoned;
+- node death: like a worker death, but nobody is blamed;
+- fatal (the cluster itself failed): the pool raises `ExecutorFailure` and the driver stops
+  cleanly with a snapshot, so `evomerge resume` continues.
+
+An exception inside the evaluator is not a fault: it fails that candidate only. Deadlines run
+from the moment a worker starts a task (an actor runs its tasks one at a time, in order), never
+from when it was queued. Workers start in parallel; a replacement starts in the background and
+joins when Ray finds room for it, so a node that comes back is used again.
 """
 
 from __future__ import annotations
 
+import os
 import socket
+import sys
 import time
 from collections import deque
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +38,48 @@ import numpy as np
 
 from evomerge.errors import EvomergeError
 from evomerge.evaluate.base import EvalResult
-from evomerge.runtime.executor import Outcome
+from evomerge.runtime.executor import ExecutorFailure, Outcome
 from evomerge.search.base import Candidate
 from evomerge.spec import ExecutorSpec
 
-MAX_KILLS = 2  # a candidate that kills this many workers is poisoned
-MAX_OVERRUNS = 2  # a candidate that overruns its deadline this many times fails
+MAX_KILLS = 2  # a task that kills this many workers (on nodes still alive) is poisoned
+MAX_OVERRUNS = 2  # a task that overruns its deadline this many times fails
+MAX_TRANSIENT = 5  # a task that meets this many transient errors fails
+MAX_START_ATTEMPTS = 3  # a worker slot whose actor fails to start this many times in a row is retired
+NODE_POLL_S = 5.0  # how often the cluster's nodes are checked, to announce losses and returns
+
+
+class Fault(Enum):
+    TRANSIENT = "transient"
+    WORKER = "worker death"
+    NODE = "node death"
+    TASK = "task error"
+    FATAL = "fatal"
+
+
+def classify(err: BaseException) -> Fault:
+    """Which kind of fault a Ray error is (see the module docstring for what each kind gets)."""
+    import ray.exceptions as rx
+
+    if isinstance(err, (rx.ActorUnavailableError, rx.ObjectLostError, rx.ObjectStoreFullError, rx.RpcError)):
+        return Fault.TRANSIENT
+    if isinstance(err, (rx.GetTimeoutError, rx.PendingCallsLimitExceeded)):
+        return Fault.TRANSIENT
+    if isinstance(err, (rx.NodeDiedError, rx.LocalRayletDiedError)):
+        return Fault.NODE
+    if isinstance(err, rx.ActorDiedError) and "because its node has died" in str(err):
+        return Fault.NODE
+    if isinstance(err, (rx.RayActorError, rx.WorkerCrashedError, rx.OutOfMemoryError)):
+        return Fault.WORKER
+    if isinstance(err, (rx.RayTaskError, rx.UnserializableException)):
+        return Fault.TASK
+    return Fault.FATAL
+
+
+def cause_line(err: BaseException) -> str:
+    """The last non-empty line of an error: for a Ray error, the exception that was raised."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return f"{type(err).__name__}: {lines[-1]}" if lines else type(err).__name__
 
 
 class EvaluatorWorker:
@@ -44,10 +98,11 @@ class EvaluatorWorker:
         self.evaluator, self.space = build_evaluator_and_space(spec_from_dict(spec_plain), Path(seeds_dir))
         self.n_examples = getattr(self.evaluator, "n_examples", None)
 
-    def node(self) -> str:
+    def ready(self) -> tuple[str, int]:
+        """The health check a new worker answers once its evaluator is built: (node id, process id)."""
         import ray
 
-        return ray.get_runtime_context().get_node_id()
+        return ray.get_runtime_context().get_node_id(), os.getpid()
 
     def evaluate(self, candidate_id: int, genome: np.ndarray) -> tuple[dict[str, Any] | None, str | None, float]:
         from evomerge.runtime.executor import evaluate_candidate
@@ -58,75 +113,169 @@ class EvaluatorWorker:
         r = outcome.result
         return {"objectives": r.objectives, "per_example": r.per_example, "info": r.info}, None, outcome.seconds
 
-    def test(self, genome: np.ndarray) -> dict[str, float]:
+    def test(self, genome: np.ndarray) -> tuple[dict[str, float] | None, str | None, float]:
+        start = time.perf_counter()
         test = getattr(self.evaluator, "test", None)
-        return {} if test is None else {k: float(v) for k, v in test(self.space.decode(genome)).items()}
+        try:
+            metrics = {} if test is None else {k: float(v) for k, v in test(self.space.decode(genome)).items()}
+        except Exception as err:  # noqa: BLE001 - a failing test pass costs its metrics, not the run
+            return None, f"{type(err).__name__}: {err}", time.perf_counter() - start
+        return metrics, None, time.perf_counter() - start
+
+
+@dataclass
+class Task:
+    """A candidate to evaluate (or a genome to test) with what the fault policy has counted against it."""
+
+    kind: str  # "evaluate" | "test"
+    candidate: Candidate
+    kills: list[str] = field(default_factory=list)  # nodes of the workers that died running it
+    overruns: int = 0
+    transients: int = 0
 
 
 @dataclass
 class WorkerSlot:
     index: int
-    actor: Any
+    actor: Any = None
     node: str = "?"
-    in_flight: int = 0
+    pid: int = 0
+    state: str = "starting"  # starting | live | retired
+    ready_ref: Any = None
+    starting_since: float = 0.0
+    start_failures: int = 0
+    waiting_noted: bool = False
+    fifo: deque = field(default_factory=deque)  # refs of its tasks, in the order it runs them
     evaluations: int = 0
     failures: int = 0
     busy_seconds: float = 0.0
     replaced: int = 0
-    lost: bool = False  # no room for a replacement (its node is gone): the pool goes on without it
+
+    @property
+    def in_flight(self) -> int:
+        return len(self.fifo)
 
 
 @dataclass
-class Pending:
-    candidate: Candidate
+class Running:
+    task: Task
     worker: WorkerSlot
-    submitted: float
-    kills: int = 0
-    overruns: int = 0
+    started: float | None  # when the worker began it; None while it waits behind the worker's earlier tasks
 
 
-def _no_room(index: int, timeout: float, options: ExecutorSpec) -> EvomergeError:
-    return EvomergeError(
-        f"evaluator worker {index} found no room in the Ray cluster within {timeout:g} s "
-        f"({options.cpus_per_worker:g} CPUs, {options.gpus_per_worker:g} GPUs each)"
+def _no_room(timeout: float, options: ExecutorSpec) -> ExecutorFailure:
+    return ExecutorFailure(
+        f"no evaluator worker found room in the Ray cluster within {timeout:g} s "
+        f"({options.workers} workers of {options.cpus_per_worker:g} CPUs and {options.gpus_per_worker:g} GPUs each)"
     )
 
 
+_HTTP2_HELLO = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+
+
 def _probe(address: str, timeout: float = 5.0) -> None:
-    host, _, port = address.rpartition(":")
+    """Fail in seconds, naming the cause, where `ray.init` would retry for a minute or hang.
+
+    A Ray cluster's address is its GCS, a gRPC (HTTP/2) server: anything else on that port is refused.
+    Ray connects to a loopback host as this machine's address, so that address is checked as well.
+    """
+    host, _, port_text = address.rpartition(":")
     try:
-        socket.create_connection((host, int(port)), timeout=timeout).close()
-    except (OSError, ValueError) as err:
-        raise EvomergeError(f"cannot reach a Ray cluster at {address!r}: {err}") from err
+        port = int(port_text)
+    except ValueError:
+        raise EvomergeError(f"--ray {address!r}: expected HOST:PORT, 'local' or 'auto'") from None
+    hosts = [host]
+    if host in ("127.0.0.1", "localhost"):
+        import ray.util
+
+        hosts.append(ray.util.get_node_ip_address())  # where Ray will actually connect
+    for target in dict.fromkeys(hosts):
+        try:
+            with socket.create_connection((target, port), timeout=timeout) as conn:
+                conn.settimeout(timeout)
+                conn.sendall(_HTTP2_HELLO)
+                reply = conn.recv(9)
+        except OSError as err:
+            via = f" (Ray connects to {host} as {target})" if target != host else ""
+            raise EvomergeError(f"cannot reach a Ray cluster at {address!r}{via}: {err}") from err
+        if len(reply) < 4 or reply[3] != 0x04:  # an HTTP/2 server opens with a SETTINGS frame
+            raise EvomergeError(
+                f"{address!r} answers, but not as a Ray cluster: give the address `ray start --head` printed "
+                "(its GCS port, 6379 by default)"
+            )
+
+
+def _token_available() -> bool:
+    if os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        return True
+    return (Path.home() / ".ray" / "auth_token").is_file()
 
 
 def connect(address: str, dashboard: bool = False) -> None:
-    """Start (`local`) or join (`auto`, an address) a Ray cluster, with errors that name the cause."""
+    """Start (`local`) or join (`auto`, an address) a Ray cluster, with errors that name the cause.
+
+    `local` always starts a new Ray here, even where RAY_ADDRESS is set or another cluster runs.
+    Joining by address turns on Ray's token authentication when a token is at hand (RAY_AUTH_TOKEN,
+    RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token), as Ray itself does only for `auto`: clusters started
+    by `ray start` since Ray 2.60 require it.
+    """
     import ray
 
     if ray.is_initialized():
         return
-    if address not in ("local", "auto") and not address.startswith("ray://"):
-        _probe(address)  # ray.init retries an unreachable GCS for minutes; fail in seconds instead
     try:
         if address == "local":
-            ray.init(include_dashboard=dashboard, log_to_driver=False)
-        else:
-            ray.init(address=address, log_to_driver=False)
-    except (ConnectionError, RuntimeError, ValueError) as err:
-        raise EvomergeError(f"cannot reach a Ray cluster at {address!r}: {err}") from err
+            ray.init(address="local", include_dashboard=dashboard, log_to_driver=False)
+            return
+        if address != "auto" and not address.startswith("ray://"):
+            _probe(address)
+        if "RAY_AUTH_MODE" not in os.environ and _token_available():
+            os.environ["RAY_AUTH_MODE"] = "token"
+        ray.init(address=address, log_to_driver=False)
+    except (ConnectionError, RuntimeError, ValueError, ray.exceptions.RayError) as err:
+        hint = ""
+        if os.environ.get("RAY_AUTH_MODE") != "token":
+            hint = (
+                "; if the cluster uses token authentication (the default of `ray start` since Ray 2.60), "
+                "set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (or ~/.ray/auth_token)"
+            )
+        raise EvomergeError(f"cannot reach a Ray cluster at {address!r}: {cause_line(err)}{hint}") from err
+
+
+def seeds_bytes(seeds_dir: Path) -> int:
+    return sum(p.stat().st_size for p in Path(seeds_dir).rglob("*") if p.is_file())
+
+
+def start_timeout(options: ExecutorSpec, seeds_dir: Path) -> float:
+    """How long a worker may take to start: the spec's, or 120 s plus 30 s per GiB of seed models to load."""
+    if options.start_timeout_s is not None:
+        return options.start_timeout_s
+    return 120.0 + 30.0 * seeds_bytes(seeds_dir) / 2**30
+
+
+def _stderr(message: str) -> None:
+    print(f"evomerge: {message}", file=sys.stderr, flush=True)
 
 
 class RayExecutor:
     def __init__(
-        self, spec_plain: dict[str, Any], seeds_dir: Path, options: ExecutorSpec, threads: int = 1, wait_s: float = 1.0
+        self,
+        spec_plain: dict[str, Any],
+        seeds_dir: Path,
+        options: ExecutorSpec,
+        threads: int = 1,
+        wait_s: float = 1.0,
+        notify: Callable[[str], None] = _stderr,
     ):
         """`options` is the spec's `runtime.executor`; `threads` torch threads per worker; `wait_s` the
-        longest single `ray.wait` (deadlines are checked between waits)."""
+        longest single `ray.wait` (deadlines are checked between waits); `notify` takes one-line notices
+        (a worker replaced, a node lost or back)."""
         import ray
 
         self.options = options
         self.wait_s = wait_s
+        self.notify = notify
+        self.start_timeout_s = start_timeout(options, seeds_dir)
         connect(options.address, dashboard=options.dashboard)
         available = ray.cluster_resources()
         if options.gpus_per_worker and available.get("GPU", 0) < options.gpus_per_worker * options.workers:
@@ -134,199 +283,356 @@ class RayExecutor:
                 f"executor asks for {options.gpus_per_worker * options.workers:g} GPUs, "
                 f"the Ray cluster has {available.get('GPU', 0):g}"
             )
-        placement = {"accelerator_type": options.accelerator_type} if options.accelerator_type else {}
+        placement: dict[str, Any] = {"accelerator_type": options.accelerator_type} if options.accelerator_type else {}
+        if options.runtime_env:
+            placement["runtime_env"] = options.runtime_env
         self._actor_class = ray.remote(
             num_cpus=options.cpus_per_worker, num_gpus=options.gpus_per_worker, max_restarts=0, **placement
         )(EvaluatorWorker)
         self._args = (spec_plain, str(seeds_dir), threads, options.gpus_per_worker)
-        self.workers = [self._start(i) for i in range(options.workers)]
-        self.pending: dict[Any, Pending] = {}
-        self.queue: deque[tuple[Candidate, int, int]] = deque()
+        self.running: dict[Any, Running] = {}
+        self.queue: deque[Task] = deque()
         self.ready: list[Outcome] = []
+        self.tests_done: dict[int, tuple[dict[str, float], float]] = {}
+        self._test_ids = 0
+        self._nodes: dict[str, str] = {}  # alive node id -> its address, as last seen
+        self._nodes_checked = 0.0
+        self._idle_since: float | None = None  # since when no worker is live (with work waiting)
+        self.workers = [WorkerSlot(i) for i in range(options.workers)]
+        try:
+            self._start_all()
+        except BaseException:
+            self.close()
+            raise
+        self._poll_nodes(announce=False)
 
-    def _start(self, index: int, timeout: float = 120.0) -> WorkerSlot:
+    # workers ----------------------------------------------------------------------------------
+    def _launch(self, slot: WorkerSlot) -> None:
+        slot.actor = self._actor_class.remote(*self._args)
+        slot.ready_ref = slot.actor.ready.remote()
+        slot.state, slot.starting_since, slot.waiting_noted = "starting", time.monotonic(), False
+
+    def _start_all(self) -> None:
+        """Start every worker at once; go on as soon as all answer, or some do when the time is up.
+
+        A worker that fails to build its evaluator stops the run with the cause (a wrong spec, a
+        plugin missing on a node); one that finds no room yet keeps waiting in the background.
+        """
         import ray
 
-        actor = self._actor_class.remote(*self._args)
-        try:
-            node = ray.get(actor.node.remote(), timeout=timeout)
-        except (ray.exceptions.RayActorError, ray.exceptions.RayError) as err:
-            if isinstance(err, ray.exceptions.GetTimeoutError):
-                ray.kill(actor, no_restart=True)
-                raise _no_room(index, timeout, self.options) from err
-            cause = [line.strip() for line in str(err).splitlines() if line.strip()][-1]  # the raised error itself
-            raise EvomergeError(f"evaluator worker {index} failed to start: {cause}") from err
+        for slot in self.workers:
+            self._launch(slot)
+        deadline = time.monotonic() + self.start_timeout_s
+        while any(s.state == "starting" for s in self.workers) and time.monotonic() < deadline:
+            refs = [s.ready_ref for s in self.workers if s.state == "starting"]
+            done, _ = ray.wait(refs, num_returns=1, timeout=min(self.wait_s * 5, max(0.0, deadline - time.monotonic())))
+            for ref in done:
+                slot = next(s for s in self.workers if s.ready_ref is ref)
+                try:
+                    slot.node, slot.pid = ray.get(ref)
+                except ray.exceptions.RayError as err:
+                    raise ExecutorFailure(f"evaluator worker {slot.index} failed to start: {cause_line(err)}") from err
+                slot.state, slot.ready_ref = "live", None
+        if not any(s.state == "live" for s in self.workers):
+            raise _no_room(self.start_timeout_s, self.options)
+        for slot in self.workers:
+            if slot.state == "starting":
+                slot.waiting_noted = True
+                self.notify(f"evaluator worker {slot.index} is still waiting for room in the Ray cluster; going on")
 
-        return WorkerSlot(index, actor, node)
+    def _started(self, slot: WorkerSlot) -> None:
+        """A worker's health check came back: live, or a failed start (retried, then the slot retired)."""
+        import ray
+
+        ref, slot.ready_ref = slot.ready_ref, None
+        try:
+            slot.node, slot.pid = ray.get(ref)
+        except ray.exceptions.RayError as err:
+            slot.start_failures += 1
+            ray.kill(slot.actor, no_restart=True)
+            if slot.start_failures < MAX_START_ATTEMPTS:
+                self._launch(slot)
+                return
+            slot.state = "retired"
+            self.notify(
+                f"evaluator worker {slot.index} retired: it failed to start {slot.start_failures} times, "
+                f"last with {cause_line(err)}"
+            )
+            if all(s.state == "retired" for s in self.workers):
+                raise ExecutorFailure(f"no evaluator worker can start: {cause_line(err)}") from err
+            return
+        slot.state, slot.start_failures = "live", 0
+        if slot.waiting_noted:
+            self.notify(f"evaluator worker {slot.index} started on node {self._nodes.get(slot.node, slot.node[:8])}")
+
+    def _replace(self, slot: WorkerSlot, why: str) -> list[Running]:
+        """Kill the slot's actor and start another in the background; returns the tasks it held."""
+        import ray
+
+        held = [self.running.pop(ref) for ref in slot.fifo if ref in self.running]
+        slot.fifo.clear()
+        ray.kill(slot.actor, no_restart=True)
+        slot.replaced += 1
+        self.notify(f"evaluator worker {slot.index} {why}; starting a replacement")
+        self._launch(slot)
+        return held
+
+    def _check_starting(self) -> None:
+        now = time.monotonic()
+        for slot in self.workers:
+            if slot.state == "starting" and not slot.waiting_noted and now - slot.starting_since > self.start_timeout_s:
+                slot.waiting_noted = True
+                self.notify(
+                    f"evaluator worker {slot.index} has waited {now - slot.starting_since:.0f} s for room in the "
+                    "Ray cluster; it joins when a node has room again"
+                )
+        if any(s.state == "live" for s in self.workers) or not (self.queue or self.running):
+            self._idle_since = None
+            return
+        self._idle_since = self._idle_since or now
+        if now - self._idle_since > self.start_timeout_s:
+            raise ExecutorFailure(
+                f"no evaluator worker has been alive for {now - self._idle_since:.0f} s "
+                f"(the Ray cluster has no room for {self.options.cpus_per_worker:g} CPUs and "
+                f"{self.options.gpus_per_worker:g} GPUs per worker)"
+            )
+
+    def _poll_nodes(self, announce: bool = True) -> None:
+        """Announce lost and returning nodes in evomerge's own words, not only in Ray's log lines."""
+        import ray
+
+        self._nodes_checked = time.monotonic()
+        try:
+            alive = {n["NodeID"]: n.get("NodeManagerAddress", "?") for n in ray.nodes() if n["Alive"]}
+        except ray.exceptions.RayError:
+            return
+        if announce:
+            for node in self._nodes.keys() - alive.keys():
+                held = [s.index for s in self.workers if s.node == node]
+                self.notify(
+                    f"Ray node {self._nodes[node]} ({node[:8]}) was lost"
+                    + (f" with evaluator workers {held}; their candidates are resubmitted" if held else "")
+                )
+            for node in alive.keys() - self._nodes.keys():
+                self.notify(f"Ray node {alive[node]} ({node[:8]}) joined the cluster")
+        self._nodes = alive
 
     @property
     def capacity(self) -> int:
-        return sum(not w.lost for w in self.workers) * self.options.in_flight_per_worker
-
-    def _replace(self, slot: WorkerSlot) -> None:
-        """A fresh actor in the slot; without room for one the slot is retired (the last one may not be)."""
-        import ray
-
-        ray.kill(slot.actor, no_restart=True)
-        slot.in_flight = 0
-        try:
-            if ray.available_resources().get("CPU", 0.0) < self.options.cpus_per_worker:
-                raise EvomergeError(f"no CPU left in the Ray cluster for evaluator worker {slot.index}")
-            fresh = self._start(slot.index, timeout=30.0)
-        except EvomergeError:
-            slot.lost = True
-            if all(w.lost for w in self.workers):
-                raise
-            return
-        slot.actor, slot.node, slot.replaced = fresh.actor, fresh.node, slot.replaced + 1
+        return sum(s.state != "retired" for s in self.workers) * self.options.in_flight_per_worker
 
     # Executor protocol ------------------------------------------------------------------------
     def in_flight(self) -> int:
-        return len(self.pending) + len(self.queue) + len(self.ready)
+        return len(self.running) + sum(t.kind == "evaluate" for t in self.queue) + len(self.ready)
 
-    def submit(self, candidate: Candidate, kills: int = 0, overruns: int = 0) -> None:
-        self.queue.append((candidate, kills, overruns))
+    def submit(self, candidate: Candidate) -> None:
+        self.queue.append(Task("evaluate", candidate))
         self._dispatch()
 
     def _dispatch(self) -> None:
         while self.queue:
-            slot = min((w for w in self.workers if not w.lost), key=lambda w: w.in_flight)
+            live = [s for s in self.workers if s.state == "live"]
+            if not live:
+                return
+            slot = min(live, key=lambda s: s.in_flight)
             if slot.in_flight >= self.options.in_flight_per_worker:
                 return
-            candidate, kills, overruns = self.queue.popleft()
-            ref = slot.actor.evaluate.remote(candidate.id, candidate.genome)
-            slot.in_flight += 1
-            self.pending[ref] = Pending(candidate, slot, time.monotonic(), kills, overruns)
+            task = self.queue.popleft()
+            method = slot.actor.evaluate if task.kind == "evaluate" else slot.actor.test
+            args = (task.candidate.id, task.candidate.genome) if task.kind == "evaluate" else (task.candidate.genome,)
+            ref = method.remote(*args)
+            self.running[ref] = Running(task, slot, time.monotonic() if not slot.fifo else None)
+            slot.fifo.append(ref)
 
     def collect(self) -> list[Outcome]:
-        import ray
-
-        while not self.ready and self.pending:
-            done, _ = ray.wait(list(self.pending), num_returns=1, timeout=self.wait_s)
-            for ref in done:
-                self._finish(ref)
-            self._enforce_deadlines()
-            self._dispatch()
+        while not self.ready and (self.running or self.queue):
+            self._step()
         outcomes, self.ready = self.ready, []
         return outcomes
+
+    def test(self, genome: np.ndarray) -> dict[str, float]:
+        """A test pass on a worker, under the same fault policy as evaluations; {} if it cannot be done."""
+        self._test_ids -= 1
+        test_id = self._test_ids  # negative: never a candidate's id
+        self.queue.appendleft(Task("test", Candidate(test_id, np.asarray(genome), {})))
+        self._dispatch()
+        while test_id not in self.tests_done:
+            self._step()
+        metrics, _ = self.tests_done.pop(test_id)
+        return metrics
+
+    def _step(self) -> None:
+        """Wait for one result or worker start (at most `wait_s`), then apply the fault policy."""
+        import ray
+
+        starting = {s.ready_ref: s for s in self.workers if s.state == "starting"}
+        refs = list(self.running) + list(starting)
+        if refs:
+            done, _ = ray.wait(refs, num_returns=1, timeout=self.wait_s)
+            if done:
+                more, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+                done = list(dict.fromkeys(done + more))
+        else:
+            time.sleep(self.wait_s)  # every worker retired or gone: _check_starting decides
+            done = []
+        for ref in done:
+            if ref in starting:
+                self._started(starting[ref])
+            elif ref in self.running:
+                self._finish(ref)
+        self._enforce_deadlines()
+        if time.monotonic() - self._nodes_checked > NODE_POLL_S:
+            self._poll_nodes()
+        self._check_starting()
+        self._dispatch()
+
+    def _leave_fifo(self, entry: Running, ref: Any) -> None:
+        """Take a finished task off its worker; the worker starts its next one now."""
+        fifo = entry.worker.fifo
+        fifo.remove(ref)
+        if fifo and self.running[fifo[0]].started is None:
+            self.running[fifo[0]].started = time.monotonic()
 
     def _finish(self, ref: Any) -> None:
         import ray
 
-        entry = self.pending.pop(ref)
-        slot = entry.worker
-        slot.in_flight = max(0, slot.in_flight - 1)
+        entry = self.running[ref]
         try:
-            payload, error, seconds = ray.get(ref)
-        except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError) as err:
-            self._worker_died(entry, err)
+            value = ray.get(ref, timeout=0)
+        except ray.exceptions.RayError as err:
+            self._fault(ref, err)
             return
-        except ray.exceptions.TaskCancelledError:
-            return  # a deadline overrun, already resubmitted
-        slot.evaluations += 1
+        self._leave_fifo(entry, ref)
+        del self.running[ref]
+        self._deliver(entry.task, entry.worker, *value)
+
+    def _deliver(self, task: Task, slot: WorkerSlot, payload: Any, error: str | None, seconds: float) -> None:
         slot.busy_seconds += seconds
+        if task.kind == "test":
+            if error is not None:
+                self.notify(f"test pass failed, the curve point has no test metrics: {error}")
+            self.tests_done[task.candidate.id] = (payload or {}, seconds)
+            return
+        slot.evaluations += 1
         if payload is None:
             slot.failures += 1
-            self.ready.append(Outcome(entry.candidate, None, error, seconds))
+            self.ready.append(Outcome(task.candidate, None, error, seconds))
             return
         result = EvalResult(payload["objectives"], payload["per_example"], payload["info"])
-        self.ready.append(Outcome(entry.candidate, result, None, seconds))
+        self.ready.append(Outcome(task.candidate, result, None, seconds))
 
-    def _worker_died(self, entry: Pending, err: Exception) -> None:
-        """Requeue everything the dead worker held; blame only the task it was running.
+    def _fail(self, task: Task, message: str, seconds: float = 0.0) -> None:
+        if task.kind == "test":
+            self.notify(f"test pass given up, the curve point has no test metrics: {message}")
+            self.tests_done[task.candidate.id] = ({}, seconds)
+        else:
+            self.ready.append(Outcome(task.candidate, None, message, seconds))
 
-        An actor runs its tasks one at a time in submission order, so the culprit is the oldest task
-        without a result. Ray may fail a task that finished just before the death together with the
-        dead actor's queue; that innocent task is then blamed once and retried, costing at most one
-        extra worker replacement. With `in_flight_per_worker: 1` the blame is always exact.
-        """
+    def _fault(self, ref: Any, err: BaseException) -> None:
+        entry = self.running[ref]
+        kind = classify(err)
+        if kind is Fault.FATAL:
+            raise ExecutorFailure(f"the Ray cluster failed: {cause_line(err)}") from err
+        if kind in (Fault.TRANSIENT, Fault.TASK):
+            self._leave_fifo(entry, ref)
+            del self.running[ref]
+            task = entry.task
+            task.transients += kind is Fault.TRANSIENT
+            if kind is Fault.TASK:
+                self._fail(task, cause_line(err))
+            elif task.transients >= MAX_TRANSIENT:
+                self._fail(task, f"gave up after {task.transients} transient Ray errors, the last {cause_line(err)}")
+            else:
+                self.queue.appendleft(task)
+            return
+        self._worker_died(entry.worker, err, node_died=kind is Fault.NODE)
+
+    def _worker_died(self, slot: WorkerSlot, err: BaseException, node_died: bool) -> None:
+        """Collect what the dead worker finished, resubmit the rest, and blame the task it was running."""
         import ray
 
-        slot = entry.worker
-        slot.failures += 1
-        node_lost = slot.node not in {n["NodeID"] for n in ray.nodes() if n["Alive"]}
-        orphans = [entry]
-        held = self._held_by(slot)
-        # let every task of the dead actor resolve (a finished task's reply may still be in transit)
-        resolved, _ = ray.wait([r for r, _ in held], num_returns=len(held), timeout=2.0) if held else ([], [])
-        for ref, pending in held:
+        refs = list(slot.fifo)
+        # a task that finished just before the death may still be in transit: let each resolve
+        resolved, _ = ray.wait(refs, num_returns=len(refs), timeout=2.0)
+        culprit: Task | None = None
+        for ref in refs:
             if ref in resolved:
                 try:
-                    ray.get(ref)
-                except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError):
+                    value = ray.get(ref, timeout=0)
+                except ray.exceptions.RayError:
                     pass
                 else:
-                    self._finish(ref)  # it finished before the crash: an ordinary result, not a suspect
+                    entry = self.running.pop(ref)
+                    slot.fifo.remove(ref)
+                    self._deliver(entry.task, slot, *value)
                     continue
-            self.pending.pop(ref)
-            orphans.append(pending)
-        self._replace(slot)
-        if node_lost:  # a lost node is nobody's fault
-            self._requeue_first(orphans)
-            return
-        culprit = min(orphans, key=lambda p: p.submitted)
-        self._requeue_first([p for p in orphans if p is not culprit])
-        kills = culprit.kills + 1
-        if kills >= MAX_KILLS:
-            message = f"poisoned: killed its evaluator worker {kills} times ({type(err).__name__})"
-            self.ready.append(Outcome(culprit.candidate, None, message, 0.0))
-        else:
-            self.queue.appendleft((culprit.candidate, kills, culprit.overruns))
+            if culprit is None:
+                culprit = self.running[ref].task  # the oldest unfinished task is the one it was running
+        slot.failures += 1
+        held = [r.task for r in self._replace(slot, f"died ({cause_line(err)})")]
+        innocents = [t for t in held if t is not culprit]
+        if culprit is not None and not node_died:
+            culprit.kills.append(slot.node)
+            if len(self._kills_on_live_nodes(culprit)) >= MAX_KILLS:
+                message = f"poisoned: killed its evaluator worker {len(culprit.kills)} times ({type(err).__name__})"
+                self._fail(culprit, message)
+                culprit = None
+        for task in reversed(innocents + ([culprit] if culprit is not None else [])):
+            self.queue.appendleft(task)  # resubmitted first, in their original order
+
+    def _kills_on_live_nodes(self, task: Task) -> list[str]:
+        """The task's kills that count: a worker on a node that has since died was not its victim."""
+        self._poll_nodes()
+        return [node for node in task.kills if node in self._nodes]
 
     def _enforce_deadlines(self) -> None:
+        """Replace a worker whose running task is past its deadline; the task is retried once, then fails."""
         now = time.monotonic()
-        for ref, entry in list(self.pending.items()):
-            if ref not in self.pending or now - entry.submitted <= self.options.deadline_s:
-                continue  # requeued with an earlier overdue task of its worker, or still in time
-            self.pending.pop(ref)
-            others = [self.pending.pop(r) for r, _ in self._held_by(entry.worker)]
-            self._replace(entry.worker)  # a running actor task cannot be cancelled by force: the actor is replaced
-            overruns = entry.overruns + 1
-            if overruns >= MAX_OVERRUNS:
-                message = f"deadline: ran past {self.options.deadline_s:g} s {overruns} times"
-                self.ready.append(Outcome(entry.candidate, None, message, self.options.deadline_s))
+        for slot in self.workers:
+            if slot.state != "live" or not slot.fifo:
+                continue
+            entry = self.running[slot.fifo[0]]
+            if entry.started is None or now - entry.started <= self.options.deadline_s:
+                continue
+            held = [r.task for r in self._replace(slot, f"ran past the {self.options.deadline_s:g} s deadline")]
+            task = entry.task
+            task.overruns += 1
+            for other in reversed(held[1:]):
+                self.queue.appendleft(other)
+            if task.overruns >= MAX_OVERRUNS:
+                self._fail(
+                    task,
+                    f"deadline: ran past {self.options.deadline_s:g} s {task.overruns} times",
+                    self.options.deadline_s,
+                )
             else:
-                self.queue.append((entry.candidate, entry.kills, overruns))
-            self._requeue_first(others)
-
-    def _held_by(self, slot: WorkerSlot) -> list[tuple[Any, Pending]]:
-        return [(r, p) for r, p in self.pending.items() if p.worker is slot]
-
-    def _requeue_first(self, entries: list[Pending]) -> None:
-        """Put innocent tasks of a replaced worker back at the head of the queue, oldest first."""
-        for entry in sorted(entries, key=lambda p: p.submitted, reverse=True):
-            self.queue.appendleft((entry.candidate, entry.kills, entry.overruns))
-
-    def test(self, genome: np.ndarray) -> dict[str, float]:
-        import ray
-
-        slot = min((w for w in self.workers if not w.lost), key=lambda w: w.in_flight)
-        return ray.get(slot.actor.test.remote(genome), timeout=self.options.deadline_s)
+                self.queue.append(task)
 
     def busy(self) -> tuple[int, int]:
         """(workers with work in flight, workers alive), for the progress display."""
-        alive = [w for w in self.workers if not w.lost]
-        return sum(w.in_flight > 0 for w in alive), len(alive)
+        live = [s for s in self.workers if s.state == "live"]
+        return sum(s.in_flight > 0 for s in live), len(live)
 
     def worker_stats(self) -> list[dict[str, Any]]:
         return [
             {
-                "worker": w.index,
-                "node": w.node,
-                "evaluations": w.evaluations,
-                "failures": w.failures,
-                "busy_seconds": round(w.busy_seconds, 3),
-                "replaced": w.replaced,
-                "lost": w.lost,
+                "worker": s.index,
+                "node": s.node,
+                "evaluations": s.evaluations,
+                "failures": s.failures,
+                "busy_seconds": round(s.busy_seconds, 3),
+                "replaced": s.replaced,
+                "state": s.state,
+                "lost": s.state != "live",
             }
-            for w in self.workers
+            for s in self.workers
         ]
 
     def close(self) -> None:
         import ray
 
-        for w in self.workers:
-            if not w.lost:
-                ray.kill(w.actor, no_restart=True)
-        self.pending.clear()
+        for slot in self.workers:
+            if slot.actor is not None:
+                ray.kill(slot.actor, no_restart=True)
+        self.running.clear()
         self.queue.clear()
