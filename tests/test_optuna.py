@@ -73,6 +73,11 @@ def drive(strategy: OptunaSearch, n: int, in_flight: int = 1, fail_every: int = 
     return asked
 
 
+def study_attrs(strategy: OptunaSearch) -> dict:
+    """The study's system attributes (NSGA-II/III's parent lists), which Optuna 4+ keeps off the Study API."""
+    return strategy.study._storage.get_study_system_attrs(strategy.study._study_id)
+
+
 def mean_score(result: EvalResult) -> float:
     return (-result.objectives["cost"] + result.objectives["gain"]) / 2
 
@@ -235,9 +240,20 @@ def test_state_round_trip_with_trials_in_flight(sampler: str, tmp_path: Path):
     save_state(tmp_path / "s.safetensors", original.state_dict())
     restored = build(sampler, seed=123)  # everything must come from the state
     restored.load_state_dict(load_state(tmp_path / "s.safetensors"))
-    assert [(t.number, t.state, t.values, t.params, t.system_attrs) for t in restored.study.trials] == [
-        (t.number, t.state, t.values, t.params, t.system_attrs) for t in original.study.trials
+    fields = (
+        "number",
+        "state",
+        "values",
+        "params",
+        "system_attrs",
+        "user_attrs",
+        "datetime_start",
+        "datetime_complete",
+    )
+    assert [[getattr(t, f) for f in fields] for t in restored.study.trials] == [
+        [getattr(t, f) for f in fields] for t in original.study.trials
     ]
+    assert study_attrs(restored) == study_attrs(original)
     assert restored.stats() == original.stats() and restored.stats()["in_flight"] == 2
     np.testing.assert_array_equal(restored.best()[0], original.best()[0])
     queues = {id(original): list(pending), id(restored): list(pending)}
@@ -252,6 +268,24 @@ def test_state_round_trip_with_trials_in_flight(sampler: str, tmp_path: Path):
         np.testing.assert_array_equal(genomes[0], genomes[1])
     assert original.best()[1] == restored.best()[1]
     assert original.stats() == restored.stats()
+
+
+@pytest.mark.parametrize("sampler", ["nsga2", "tpe"])
+def test_trials_grow_the_snapshot_body_not_its_header(sampler: str, tmp_path: Path):
+    """The samplers read every trial, so the state is O(trials), but in arrays: the JSON header stays put."""
+    strategy = build(sampler)
+    sizes = []
+    for n in (20, 200):
+        drive(strategy, n - len(strategy.study.trials), in_flight=3, fail_every=7)
+        save_state(tmp_path / f"{n}.safetensors", strategy.state_dict())
+        data = (tmp_path / f"{n}.safetensors").read_bytes()
+        header = int.from_bytes(data[:8], "little")
+        sizes.append((header, len(data) - 8 - header))
+    (header_20, body_20), (header_200, body_200) = sizes
+    assert header_200 - header_20 < 64 and header_200 < 4000, sizes  # a few digits longer: offsets, shapes
+    assert body_200 > body_20 + 180 * 8 * 3, sizes  # 180 more trials' params alone
+    if sampler == "nsga2":  # the parent lists of 30-odd generations are in the body too
+        assert len(study_attrs(strategy)) >= 30
 
 
 # end to end -------------------------------------------------------------------------------------
@@ -301,7 +335,7 @@ def test_cli_run_of_the_optuna_strategy(optuna_run: Path):
     assert summary["final_stats"]["trials_told"] == 30 and summary["final_stats"]["in_flight"] == 0
     state = load_state(optuna_run / "snapshot.safetensors")["strategy"]
     assert state["params"].shape == (30, 2) and np.all((state["params"] >= 0) & (state["params"] <= 1))
-    assert [t["system_attrs"]["NSGAIISampler:generation"] for t in state["trials"]] == sorted(
+    assert state["system_attrs"]["NSGAIISampler:generation"].tolist() == sorted(
         [g for g in range(4) for _ in range(8)][:30]
     )
 

@@ -330,8 +330,8 @@ def comparable(run: Path) -> dict:
     summary = json.loads((run / "summary.json").read_text())
     return {
         "journal": [(e["id"], e["status"], e.get("objectives"), e.get("meta")) for e in journal(run)],
-        "events": state["events"],
-        "F": state["F"],
+        "pymoo": (state["asked"], state["told"], state["generation"], state["pymoo_rng"]),
+        "population": (state["population"]["X"], state["population"]["F"]),
         "best": (state["best_value"], state["best_genome"]),
         "front": {k: summary["front"][k] for k in ("size", "hypervolume", "reference")},
         "front_csv": [{k: v for k, v in r.items()} for r in read_csv(run / "front.csv")],
@@ -348,8 +348,8 @@ def test_nsga_stopped_mid_batch_and_resumed_equals_an_uninterrupted_run(nsga_run
     whole, resumed = comparable(nsga_run), comparable(parts)
     assert len(whole["journal"]) == 20
     assert resumed["journal"] == whole["journal"]
-    assert resumed["events"] == whole["events"]
-    np.testing.assert_array_equal(resumed["F"], whole["F"])
+    assert resumed["pymoo"] == whole["pymoo"] and whole["pymoo"][1] >= 15  # batches asked, results told, …
+    np.testing.assert_array_equal(resumed["population"], whole["population"])
     assert resumed["best"][0] == whole["best"][0]
     np.testing.assert_array_equal(resumed["best"][1], whole["best"][1])
     assert resumed["front"] == whole["front"] and resumed["front_csv"] == whole["front_csv"]

@@ -359,10 +359,10 @@ def test_nsga_state_round_trip_mid_batch(tmp_path):
     state = loop.strategy.state_dict()
     assert state["waiting"] and state["queue"] and loop.pending
     restored = _restore(loop, make(), tmp_path)
+    calls, calls_restored = pymoo_calls(loop.strategy), pymoo_calls(restored.strategy)
     _continue_identically(loop, restored, steps=60, fail_every=11)
-    np.testing.assert_array_equal(loop.strategy.F, restored.strategy.F)
-    assert loop.strategy.events == restored.strategy.events
-    np.testing.assert_array_equal(loop.strategy.algorithm.pop.get("X"), restored.strategy.algorithm.pop.get("X"))
+    assert calls == calls_restored and [c[0] for c in calls].count("tell") >= 10
+    assert_same_nsga(loop.strategy, restored.strategy)
 
 
 def test_nested_map_state_round_trip_mid_level(tmp_path):
@@ -392,34 +392,68 @@ def build_nsga(seed: int = 0, objectives: dict | None = None, d: int = 3, **opti
     return STRATEGIES.build(Component("nsga", NsgaOptions(objectives=goals, **options)), space=box(d), seed=seed)
 
 
+def pymoo_calls(strategy: NsgaSearch) -> list[list]:
+    """Record the strategy's calls into pymoo from now on: ["ask"], ["tell", refs, minimised values]."""
+    calls: list[list] = []
+    ask, tell = strategy._pymoo_ask, strategy._pymoo_tell
+
+    def logged_ask() -> None:
+        calls.append(["ask"])
+        ask()
+
+    def logged_tell() -> None:
+        calls.append(["tell", [ref for ref, _ in strategy.waiting], [values for _, values in strategy.waiting]])
+        tell()
+
+    strategy._pymoo_ask, strategy._pymoo_tell = logged_ask, logged_tell
+    return calls
+
+
+def assert_same_nsga(a: NsgaSearch, b: NsgaSearch) -> None:
+    """Everything pymoo and the hand-out bookkeeping will read next is equal."""
+    keys = set(a.algorithm.pop[0].data)  # n_gen, rank and crowding (NSGA-II) or niche (NSGA-III)
+    assert keys == set(b.algorithm.pop[0].data) and "rank" in keys
+    for key in ("X", "F", *keys):
+        np.testing.assert_array_equal(a.algorithm.pop.get(key), b.algorithm.pop.get(key))
+    if isinstance(a.algorithm, NSGA3):  # its survival's normalisation remembers points across generations
+        for key, value in vars(a.algorithm.survival.norm).items():
+            np.testing.assert_array_equal(value, getattr(b.algorithm.survival.norm, key))
+    assert a.algorithm.random_state.bit_generator.state == b.algorithm.random_state.bit_generator.state
+    assert (a.queue, a.waiting, a.outstanding, a.asked) == (b.queue, b.waiting, b.outstanding, b.asked)
+    assert a.stats() == b.stats() and a.best()[1] == b.best()[1]
+    np.testing.assert_array_equal(a.best()[0], b.best()[0])
+
+
 def test_nsga_partial_out_of_order_tells_and_failures():
     strategy = build_nsga(pop_size=10, tell_every=4)
+    calls = pymoo_calls(strategy)
     loop = Loop(strategy, zdt1)
     first = [loop.ask() for _ in range(10)]  # the initial population, batch 0
     assert [(c.meta["batch"], c.meta["index"]) for c in first] == [(0, i) for i in range(10)]
     for cid in (2, 1, 0):  # three results, reversed: fewer than tell_every, so pymoo waits
         loop.tell(cid)
-    assert strategy.events == [["ask"]] and len(strategy.waiting) == 3
+    assert calls == [["ask"]] and len(strategy.waiting) == 3
     more = [loop.ask() for _ in range(6)]  # the queue ran dry: pymoo is told what waits and asked again
-    assert [e[0] for e in strategy.events] == ["ask", "tell", "ask"]
-    assert strategy.events[1][1] == [[0, 2], [0, 1], [0, 0]]
+    assert [c[0] for c in calls] == ["ask", "tell", "ask"]
+    assert calls[1][1] == [[0, 2], [0, 1], [0, 0]]
     assert {c.meta["batch"] for c in more} == {1}
     # the rest of batch 0 and some of batch 1, with failures, later and out of order
     failing = {5, 8, 12}
     for cid in [9, 5, 12, 3, 8, 11, 4, 6, 7, 10]:
         loop.tell(cid, fail=cid in failing)
-    told_refs = [tuple(ref) for e in strategy.events if e[0] == "tell" for ref in e[1]]
+    told_refs = [tuple(ref) for c in calls if c[0] == "tell" for ref in c[1]]
     waiting_refs = [tuple(ref) for ref, _ in strategy.waiting]
     failed_refs = {(loop.asked[c].meta["batch"], loop.asked[c].meta["index"]) for c in failing}
     assert not failed_refs & set(told_refs + waiting_refs)  # failures never reach pymoo
-    assert len(told_refs) + len(waiting_refs) == 13 - len(failing) == len(strategy.F) == len(strategy.X)
+    told_values = [v for c in calls if c[0] == "tell" for v in c[2]] + [v for _, v in strategy.waiting]
+    assert len(told_refs) + len(waiting_refs) == 13 - len(failing) == len(told_values)
     assert len(set(told_refs)) == len(told_refs)
-    assert all(len(e[1]) == 4 for e in strategy.events[3:] if e[0] == "tell")  # tell_every from then on
+    assert all(len(c[1]) == 4 for c in calls[3:] if c[0] == "tell")  # tell_every from then on
     failed_genomes = np.array([loop.asked[c].genome for c in failing])
     population = strategy.algorithm.pop.get("X")
     assert not np.any(np.all(np.isclose(population[:, None, :], failed_genomes[None]), axis=2))
     # told values are the minimised objectives
-    for row, cid in zip(strategy.F, [2, 1, 0, 9, 3, 11, 4, 6, 7, 10]):
+    for row, cid in zip(told_values, [2, 1, 0, 9, 3, 11, 4, 6, 7, 10]):
         r = zdt1(loop.asked[cid].genome).objectives
         np.testing.assert_allclose(row, [r["f1"], r["f2"]])
     assert strategy.stats()["told"] == len(told_refs)
@@ -435,17 +469,30 @@ def test_nsga_asked_ahead_of_any_result_samples_more_initial_points():
     """More candidates in flight than the population: pymoo cannot breed before a tell, so the extra
     asks are fresh initial samples (distinct points), and everything is told back fine later."""
     strategy = build_nsga(pop_size=4, tell_every=2)
+    calls = pymoo_calls(strategy)
     loop = Loop(strategy, zdt1)
     asked = [loop.ask() for _ in range(10)]
     assert [c.meta["batch"] for c in asked] == [0] * 4 + [1] * 4 + [2] * 2
-    assert strategy.events == [["ask"]] * 3
+    assert calls == [["ask"]] * 3
     assert len(np.unique(np.round([c.genome for c in asked], 12), axis=0)) == 10
     loop.tell_all("reversed")
-    assert [e[0] for e in strategy.events].count("tell") == 5 and not strategy.waiting
+    assert [c[0] for c in calls].count("tell") == 5 and not strategy.waiting
     for _ in range(20):
         loop.ask()
         loop.tell_all()
     assert strategy.stats()["told"] == 30 and len(strategy.algorithm.pop) == 4
+
+
+def test_nsga_restored_before_any_result_continues_exactly(tmp_path):
+    """Three initial batches out and nothing told: pymoo is not initialised yet, and resumes so."""
+    loop = Loop(build_nsga(pop_size=4, tell_every=2), zdt1)
+    for _ in range(10):
+        loop.ask()
+    state = loop.strategy.state_dict()
+    assert state["population"] is None and sorted(state["batches"]) == ["0", "1", "2"]
+    restored = _restore(loop, build_nsga(seed=9, pop_size=4, tell_every=2), tmp_path)
+    _continue_identically(loop, restored, steps=40)
+    assert_same_nsga(loop.strategy, restored.strategy)
 
 
 def test_nsga_front_beats_random_search_at_the_same_budget():
@@ -479,8 +526,90 @@ def test_nsga_three_beyond_three_objectives(m: int, algorithm: type):
     for _ in range(30):
         loop.ask()
     loop.tell_all("reversed")
-    assert strategy.stats()["told"] >= 24 and len(strategy.F) == 30
-    assert non_dominated(strategy.F).sum() == strategy.stats()["front_size"]
+    assert strategy.stats()["told"] >= 24 and strategy.stats()["told"] + len(strategy.waiting) == 30
+    assert non_dominated(strategy.algorithm.pop.get("F")).sum() == strategy.stats()["front_size"] >= 1
+
+
+def dtlz2(m: int) -> Callable[[np.ndarray], EvalResult]:
+    """DTLZ2 with m objectives (all minimised) over m + 2 genes: a curved front, NSGA-III's usual test."""
+
+    def evaluate(x: np.ndarray) -> EvalResult:
+        g = float(np.sum((x[m - 1 :] - 0.5) ** 2))
+        angles = x[: m - 1] * np.pi / 2
+        f = [
+            (1 + g) * np.prod(np.cos(angles[: m - 1 - i])) * (np.sin(angles[m - 1 - i]) if i else 1.0) for i in range(m)
+        ]
+        return EvalResult({f"f{i}": float(v) for i, v in enumerate(f)})
+
+    return evaluate
+
+
+def drive_out_of_order(loop: Loop, evaluations: int, seed: int, in_flight: int = 12) -> None:
+    """Ask until `evaluations` were told in all, keeping up to `in_flight` out and telling a random one
+    of them each time (every 13th fails): pymoo gets partial batches, out of order."""
+    rng = np.random.default_rng(seed)
+    while loop.told < evaluations:
+        loop.ask()
+        if len(loop.pending) >= in_flight:
+            cid = sorted(loop.pending)[int(rng.integers(len(loop.pending)))]
+            loop.tell(cid, fail=cid % 13 == 0)
+
+
+def snapshot_sizes(path) -> tuple[int, int]:
+    """(JSON header, array body) bytes of a safetensors snapshot."""
+    data = path.read_bytes()
+    header = int.from_bytes(data[:8], "little")
+    return header, len(data) - 8 - header
+
+
+@pytest.mark.parametrize("m, algorithm", [(2, NSGA2), (4, NSGA3)])
+def test_nsga_state_does_not_grow_and_a_late_restore_continues_exactly(tmp_path, m: int, algorithm: type):
+    def make(seed: int) -> NsgaSearch:
+        return build_nsga(seed, {f"f{i}": "min" for i in range(m)}, d=m + 2, pop_size=20, tell_every=7)
+
+    loop = Loop(make(3), dtlz2(m))
+    assert type(loop.strategy.algorithm) is algorithm
+    sizes = {}
+    for evaluations in (200, 2000):
+        drive_out_of_order(loop, evaluations, seed=evaluations)
+        save_state(tmp_path / f"{evaluations}.safetensors", loop.strategy.state_dict())
+        sizes[evaluations] = snapshot_sizes(tmp_path / f"{evaluations}.safetensors")
+    (header_200, body_200), (header_2000, body_2000) = sizes[200], sizes[2000]
+    assert loop.strategy.stats()["generations"] > 50 and loop.strategy.batches and loop.strategy.waiting
+    assert abs(header_2000 - header_200) < 0.1 * header_200 and header_2000 < 20_000, sizes
+    assert abs(body_2000 - body_200) < 0.1 * body_200 and body_2000 < 40_000, sizes
+
+    restored = Loop(make(99), loop.evaluate)  # another seed: everything comes from the state
+    restored.strategy.load_state_dict(load_state(tmp_path / "2000.safetensors"))
+    restored.pending, restored.next_id, restored.told = dict(loop.pending), loop.next_id, loop.told
+    assert_same_nsga(loop.strategy, restored.strategy)
+    start = len(loop.asked)
+    drive_out_of_order(loop, 2300, seed=7)
+    drive_out_of_order(restored, 2300, seed=7)
+    assert len(restored.asked) == len(loop.asked) - start >= 300
+    assert [c.meta for c in restored.asked] == [c.meta for c in loop.asked[start:]]  # the genes are in the meta
+    assert_same_nsga(loop.strategy, restored.strategy)
+
+
+@pytest.mark.parametrize("m", [2, 4])
+def test_nsga_restored_between_generations_breeds_from_the_restored_population(tmp_path, m: int):
+    """A snapshot right after pymoo's survival, nothing waiting: the next ask mates the restored population
+    at once (NSGA-II's tournaments read its rank and crowding) and NSGA-III's next survival starts from the
+    restored normalisation."""
+
+    def make(seed: int) -> NsgaSearch:
+        return build_nsga(seed, {f"f{i}": "min" for i in range(m)}, d=m + 2, pop_size=8, tell_every=8)
+
+    loop = Loop(make(0), dtlz2(m))
+    for _ in range(6):  # whole generations, each told at once
+        loop.ask()
+        for _ in range(len(loop.strategy.queue)):
+            loop.ask()
+        loop.tell_all("reversed")
+    assert not loop.strategy.queue and not loop.strategy.waiting and not loop.pending
+    restored = _restore(loop, make(1), tmp_path)
+    _continue_identically(loop, restored, steps=60)
+    assert len(restored.asked) == 60
 
 
 def test_pareto_best_is_the_best_mean_objective():

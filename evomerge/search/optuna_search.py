@@ -4,7 +4,9 @@ Optuna is imported lazily, so evomerge still runs where it is not installed. Res
 what an uninterrupted run asks, and Optuna samplers keep private state (random streams, GP caches)
 that cannot be snapshot without pickle. So every ask builds a fresh sampler seeded from
 (seed, trial number): a proposal is then a pure function of the study's trials, which the
-state_dict stores as plain arrays and JSON, and `load_state_dict` rebuilds trial by trial.
+state_dict stores and `load_state_dict` rebuilds trial by trial. The samplers read every trial, so
+the state grows with the run, but only in the snapshot's body (arrays of params, values, states,
+times and NSGA generations; JSON bytes for the other attributes), never in its size-capped header.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import importlib.util
+import json
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -84,12 +87,40 @@ def _dominates(a: np.ndarray, b: np.ndarray) -> bool:
     return bool(np.all(a <= b) and np.any(a < b))
 
 
-def _iso(moment: _dt.datetime | None) -> str | None:
-    return None if moment is None else moment.isoformat()
+_EPOCH = _dt.datetime(1970, 1, 1)  # Optuna's in-memory storage stamps trials with naive local times
+_NONE = np.iinfo(np.int64).min  # no time (a trial still running) or no such attribute, in an int64 column
 
 
-def _from_iso(text: str | None) -> _dt.datetime | None:
-    return None if text is None else _dt.datetime.fromisoformat(text)
+def _microseconds(moment: _dt.datetime | None) -> int:
+    return int(_NONE) if moment is None else (moment - _EPOCH) // _dt.timedelta(microseconds=1)
+
+
+def _moment(microseconds: int) -> _dt.datetime | None:
+    return None if microseconds == _NONE else _EPOCH + _dt.timedelta(microseconds=int(microseconds))
+
+
+def _json_bytes(obj: Any) -> np.ndarray:
+    """JSON as a byte array, so that it lands in the snapshot's body rather than its header."""
+    return np.frombuffer(json.dumps(obj).encode(), dtype=np.uint8)
+
+
+def _from_json_bytes(data: np.ndarray) -> Any:
+    return json.loads(np.asarray(data, dtype=np.uint8).tobytes().decode())
+
+
+def _attr_columns(attrs: list[dict[str, Any]]) -> tuple[dict[str, np.ndarray], dict[str, dict[str, Any]]]:
+    """Per-trial attributes split into int64 columns for the integer ones (NSGA's generation, set on
+    every trial) and, sparse by trial number, the rest (GP's relative params of trials it modelled)."""
+    keys = {key for a in attrs for key in a}
+    integer = {key for key in keys if all(type(a[key]) is int and _NONE < a[key] < 2**63 for a in attrs if key in a)}
+    columns = {key: np.array([a.get(key, _NONE) for a in attrs], dtype=np.int64) for key in sorted(integer)}
+    rest = {str(n): {k: v for k, v in a.items() if k not in integer} for n, a in enumerate(attrs)}
+    return columns, {n: a for n, a in rest.items() if a}
+
+
+def _attrs(number: int, columns: dict[str, np.ndarray], rest: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    attrs = {key: int(column[number]) for key, column in columns.items() if column[number] != _NONE}
+    return {**attrs, **rest.get(str(number), {})}
 
 
 class OptunaSearch(Strategy):
@@ -200,30 +231,32 @@ class OptunaSearch(Strategy):
 
     # state ----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """Every trial as arrays (params, values; NaN where none) and JSON (state, attrs, times)."""
+        """Every trial (trial i has number i) as arrays: params, values (NaN where none), state, start and
+        end in microseconds, integer attributes as columns; the other trial attributes and the study's
+        (NSGA's parent lists: trial ids per generation) as JSON bytes. The header keeps a fixed size."""
         trials = self._trials()
         params = np.array([[t.params[name] for name in self.names] for t in trials], dtype=np.float64)
         values = np.full((len(trials), len(self.objectives)), np.nan)
         for i, t in enumerate(trials):
             if t.values is not None:
                 values[i] = t.values
+        system_columns, system_rest = _attr_columns([t.system_attrs for t in trials])
         state = super().state_dict()
         state.update(
             seed=self.seed,
             params=params.reshape(len(trials), len(self.names)),
             values=values,
-            trials=[
+            trial_states=np.array([t.state.value for t in trials], dtype=np.int8),
+            started=np.array([_microseconds(t.datetime_start) for t in trials], dtype=np.int64),
+            completed=np.array([_microseconds(t.datetime_complete) for t in trials], dtype=np.int64),
+            system_attrs=system_columns,
+            attrs=_json_bytes(
                 {
-                    "number": t.number,
-                    "state": t.state.name,
-                    "system_attrs": dict(t.system_attrs),
-                    "user_attrs": dict(t.user_attrs),
-                    "datetime_start": _iso(t.datetime_start),
-                    "datetime_complete": _iso(t.datetime_complete),
+                    "system": system_rest,
+                    "user": {str(t.number): t.user_attrs for t in trials if t.user_attrs},
+                    "study": self.study._storage.get_study_system_attrs(self.study._study_id),
                 }
-                for t in trials
-            ],
-            study_system_attrs=dict(self.study._storage.get_study_system_attrs(self.study._study_id)),
+            ),
         )
         return state
 
@@ -235,24 +268,27 @@ class OptunaSearch(Strategy):
         self.seed = int(state["seed"])
         self._reset()
         storage, study_id = self.study._storage, self.study._study_id
+        attrs = _from_json_bytes(state["attrs"])
         # NSGA-II/III cache parent populations here as trial ids; a fresh in-memory storage holding one
         # study gives trial id == trial number, as the saved one did, so the cached ids stay valid.
-        for key, value in state["study_system_attrs"].items():
+        for key, value in attrs["study"].items():
             storage.set_study_system_attr(study_id, key, value)
         params, values = np.asarray(state["params"]), np.asarray(state["values"])
-        for i, info in enumerate(state["trials"]):
-            trial_state = TrialState[info["state"]]
+        started, completed = np.asarray(state["started"]), np.asarray(state["completed"])
+        columns = {key: np.asarray(column) for key, column in state["system_attrs"].items()}
+        for i, code in enumerate(np.asarray(state["trial_states"]).tolist()):
+            trial_state = TrialState(code)
             template = FrozenTrial(
-                number=int(info["number"]),
+                number=i,
                 state=trial_state,
                 value=None,
                 values=[float(v) for v in values[i]] if trial_state == TrialState.COMPLETE else None,
-                datetime_start=_from_iso(info["datetime_start"]),
-                datetime_complete=_from_iso(info["datetime_complete"]),
+                datetime_start=_moment(started[i]),
+                datetime_complete=_moment(completed[i]),
                 params={name: float(params[i, j]) for j, name in enumerate(self.names)},
                 distributions=dict(self.distributions),
-                user_attrs=dict(info["user_attrs"]),
-                system_attrs=dict(info["system_attrs"]),
+                user_attrs=dict(attrs["user"].get(str(i), {})),
+                system_attrs=_attrs(i, columns, attrs["system"]),
                 intermediate_values={},
                 trial_id=-1,
             )
