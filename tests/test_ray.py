@@ -196,3 +196,53 @@ def test_nsga_front_through_ray_tells_partial_batches(tmp_path):
     assert max(batches) >= 5  # 48 evaluations in batches of 8: pymoo was asked again and again
     assert 46 <= summary["final_stats"]["told"] <= 48  # told in partial batches of 3; the last may still wait
     assert summary["front"]["size"] >= 3 and (run / "front.csv").is_file() and (run / "optuna.journal").is_file()
+
+
+def test_ray_errors_are_sorted_into_one_fault_policy():
+    import ray.exceptions as rx
+
+    from evomerge.runtime.ray_pool import Fault, classify
+
+    try:
+        raise ValueError("bad genome")
+    except ValueError as err:
+        task_error = rx.RayTaskError("evaluate", "traceback", err).as_instanceof_cause()
+    node_death = rx.ActorDiedError()
+    node_death.error_msg = "The actor died because its node has died. Node Id: abc"
+    expected = {
+        Fault.TRANSIENT: [
+            rx.ActorUnavailableError("connection reset", None),
+            rx.ObjectLostError("a" * 56, "owner", "call site"),
+            rx.OwnerDiedError("a" * 56, "owner", "call site"),
+        ],
+        Fault.WORKER: [rx.ActorDiedError(), rx.WorkerCrashedError(), rx.OutOfMemoryError("killed by the monitor")],
+        Fault.NODE: [rx.NodeDiedError("node gone"), rx.LocalRayletDiedError(), node_death],
+        Fault.TASK: [task_error],
+        Fault.FATAL: [rx.RaySystemError("the GCS is gone")],
+    }
+    assert {kind: [classify(e) for e in errors] for kind, errors in expected.items()} == {
+        kind: [kind] * len(errors) for kind, errors in expected.items()
+    }
+
+
+def test_deadline_counts_from_when_the_worker_starts_the_candidate(tmp_path):
+    """One worker, two in flight: the second candidate queues behind the first; only run time counts."""
+    path = spec_with(tmp_path, "queued", budget=8, deadline_s=2.0, in_flight=2, sleep_on={i: 1.2 for i in range(8)})
+    spec = yaml.safe_load(path.read_text())
+    spec["runtime"]["executor"]["workers"] = 1
+    assert main(["run", str(write_spec(path, spec)), "--quiet"]) == 0
+    summary, entries = finished(tmp_path, "queued")
+    assert summary["failures"] == 0 and [w["replaced"] for w in summary["workers"]] == [0]
+    assert all(e["status"] == "ok" for e in entries.values())
+
+
+def test_dead_worker_is_replaced_when_the_cluster_is_full(tmp_path):
+    """Workers of 1 CPU fill the 2-CPU cluster: the replacement waits for Ray to free the dead one's CPU."""
+    path = spec_with(tmp_path, "full", exit_once_on=[9, 20], sleep_on={i: 0.25 for i in range(20, 60)})
+    spec = yaml.safe_load(path.read_text())
+    spec["runtime"]["executor"]["cpus_per_worker"] = 1.0
+    assert main(["run", str(write_spec(path, spec)), "--quiet"]) == 0
+    summary, entries = finished(tmp_path, "full")
+    assert summary["failures"] == 0 and entries[9]["status"] == entries[20]["status"] == "ok"
+    assert sum(w["replaced"] for w in summary["workers"]) == 2
+    assert [w["state"] for w in summary["workers"]] == ["live", "live"]  # none retired for want of room

@@ -67,3 +67,99 @@ def test_search_survives_losing_a_node(tmp_path, cluster):
     assert summary["failures"] == 0  # the lost node's candidates were resubmitted, nobody blamed
     alive = [w for w in summary["workers"] if not w["lost"]]
     assert alive and len({w["node"] for w in alive}) == 1  # the rest of the search ran on the head node
+
+
+def _run_on(c, tmp_path, name: str, budget: int, executor: dict, start_timeout_s: float | None = None):
+    spec = {
+        "name": name,
+        "budget": budget,
+        "output": str(tmp_path / "runs"),
+        "evaluator": {"name": "faulty", "dataset": "wine", "hidden": [8], "device": "cpu"},
+        "strategy": {"name": "m2n2", "population": 8},
+        "runtime": {"progress": False, "threads": 1, "snapshot_every": 50, "executor": {"name": "ray", **executor}},
+    }
+    spec["evaluator"]["sleep_on"] = {i: 0.05 for i in range(budget)}
+    if start_timeout_s is not None:
+        spec["runtime"]["executor"]["start_timeout_s"] = start_timeout_s
+    path = write_spec(tmp_path / f"{name}.yaml", spec)
+    return subprocess.Popen(
+        [sys.executable, "-m", "evomerge", "run", str(path), "--quiet", "--ray", c.address],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _wait_for_lines(proc, journal, lines: int) -> None:
+    deadline = time.monotonic() + 120
+    while not (journal.exists() and sum(1 for _ in open(journal)) >= lines):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+
+
+def test_a_node_that_comes_back_is_used_again(tmp_path, cluster):
+    """Workers of 1 CPU: one fits the head, two the extra node. When that node goes, its workers wait
+    for room instead of being retired, and start on the node that joins in its place."""
+    c, _ = cluster
+    node = c.add_node(num_cpus=2)
+    c.wait_for_nodes()
+    proc = _run_on(c, tmp_path, "comeback", 600, {"workers": 3, "cpus_per_worker": 1.0, "in_flight_per_worker": 1})
+    journal = tmp_path / "runs" / "comeback" / "journal.jsonl"
+    _wait_for_lines(proc, journal, 60)
+    c.remove_node(node)
+    time.sleep(3)
+    back = c.add_node(num_cpus=2)
+    try:
+        _, err = proc.communicate(timeout=300)
+    finally:
+        c.remove_node(back)
+    assert proc.returncode == 0, err
+    summary = json.loads((tmp_path / "runs" / "comeback" / "summary.json").read_text())
+    assert summary["evaluations"] == 600 and summary["failures"] == 0
+    assert [w["state"] for w in summary["workers"]] == ["live"] * 3
+    assert len({w["node"] for w in summary["workers"]}) == 2  # the head and the node that came back
+    assert "was lost" in err and "joined the cluster" in err
+
+
+def _kill_node(c, node) -> None:
+    """Remove a node and SIGKILL the worker processes it leaves behind (Ray's test cluster keeps them)."""
+    import psutil
+
+    socket_name = node._raylet_socket_name
+    workers = [p for p in psutil.process_iter(["cmdline"]) if any(socket_name in a for a in p.info["cmdline"] or [])]
+    c.remove_node(node, allow_graceful=False)
+    for process in workers:
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
+def test_no_worker_left_stops_the_run_resumable(tmp_path, cluster):
+    """The worker needs 3 CPUs, which only the node added here has; when it goes, nothing can run anywhere: the
+    run stops after the start timeout with a snapshot and the resume command, and resumes in-process."""
+    c, _ = cluster
+    node = c.add_node(num_cpus=3)
+    c.wait_for_nodes()
+    proc = _run_on(c, tmp_path, "stranded", 600, {"workers": 1, "cpus_per_worker": 3.0}, start_timeout_s=5)
+    run = tmp_path / "runs" / "stranded"
+    _wait_for_lines(proc, run / "journal.jsonl", 60)
+    _kill_node(c, node)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("evomerge: error: no evaluator worker has been alive for") and last.endswith(
+        f"continue with: evomerge resume {run}"
+    )
+    done = len(read_journal(run / "journal.jsonl")[0])
+    assert json.loads((run / "run.json").read_text())["status"] == "failed"
+    resumed = subprocess.run(
+        [sys.executable, "-m", "evomerge", "resume", str(run), "--quiet", "--in-process"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    entries, _ = read_journal(run / "journal.jsonl")
+    assert len(entries) == 600 > done and sorted(e["id"] for e in entries) == list(range(600))

@@ -24,7 +24,6 @@ joins when Ray finds room for it, so a node that comes back is used again.
 from __future__ import annotations
 
 import os
-import socket
 import sys
 import time
 from collections import deque
@@ -76,10 +75,15 @@ def classify(err: BaseException) -> Fault:
     return Fault.FATAL
 
 
-def cause_line(err: BaseException) -> str:
-    """The last non-empty line of an error: for a Ray error, the exception that was raised."""
+def cause_line(err: BaseException, limit: int = 200) -> str:
+    """The last non-empty line of an error (for a Ray error, the exception that was raised), cut after the
+    sentence that reaches `limit` characters: Ray's own advice that follows is in its logs."""
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    return f"{type(err).__name__}: {lines[-1]}" if lines else type(err).__name__
+    text = lines[-1] if lines else ""
+    if len(text) > limit:
+        end = text.find(". ", limit // 2)
+        text = text[: end + 1] if 0 < end < 2 * limit else text[:limit] + "…"
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
 class EvaluatorWorker:
@@ -170,39 +174,44 @@ def _no_room(timeout: float, options: ExecutorSpec) -> ExecutorFailure:
     )
 
 
-_HTTP2_HELLO = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+_GCS_PING = "/ray.rpc.NodeInfoGcsService/GetClusterId"  # the first call every Ray client makes to a cluster
 
 
-def _probe(address: str, timeout: float = 5.0) -> None:
-    """Fail in seconds, naming the cause, where `ray.init` would retry for a minute or hang.
+def _probe(address: str, timeout: float = 5.0) -> bool:
+    """Ask the address's GCS for its cluster id: fail in seconds, naming the cause, where `ray.init` would
+    retry for a minute or hang; returns whether the cluster requires token authentication.
 
-    A Ray cluster's address is its GCS, a gRPC (HTTP/2) server: anything else on that port is refused.
-    Ray connects to a loopback host as this machine's address, so that address is checked as well.
+    Ray connects to a loopback host as this machine's address, so that address is asked as well.
     """
+    import grpc
+
     host, _, port_text = address.rpartition(":")
-    try:
-        port = int(port_text)
-    except ValueError:
-        raise EvomergeError(f"--ray {address!r}: expected HOST:PORT, 'local' or 'auto'") from None
+    if not host or not port_text.isdigit():
+        raise EvomergeError(f"--ray {address!r}: expected HOST:PORT, 'local' or 'auto'")
     hosts = [host]
     if host in ("127.0.0.1", "localhost"):
         import ray.util
 
         hosts.append(ray.util.get_node_ip_address())  # where Ray will actually connect
+    needs_token = False
     for target in dict.fromkeys(hosts):
+        via = f" (Ray connects to {host} as {target})" if target != host else ""
+        channel = grpc.insecure_channel(f"{target}:{port_text}")
         try:
-            with socket.create_connection((target, port), timeout=timeout) as conn:
-                conn.settimeout(timeout)
-                conn.sendall(_HTTP2_HELLO)
-                reply = conn.recv(9)
-        except OSError as err:
-            via = f" (Ray connects to {host} as {target})" if target != host else ""
-            raise EvomergeError(f"cannot reach a Ray cluster at {address!r}{via}: {err}") from err
-        if len(reply) < 4 or reply[3] != 0x04:  # an HTTP/2 server opens with a SETTINGS frame
-            raise EvomergeError(
-                f"{address!r} answers, but not as a Ray cluster: give the address `ray start --head` printed "
-                "(its GCS port, 6379 by default)"
-            )
+            channel.unary_unary(_GCS_PING)(b"", timeout=timeout)
+        except grpc.RpcError as err:
+            if err.code() == grpc.StatusCode.UNAUTHENTICATED:
+                needs_token = True
+            elif err.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                raise EvomergeError(f"cannot reach a Ray cluster at {address!r}{via}: {err.details()}") from None
+            else:
+                raise EvomergeError(
+                    f"{address!r}{via} answers, but not as a Ray cluster ({err.details()}): give the address "
+                    "`ray start --head` printed (its GCS port, 6379 by default)"
+                ) from None
+        finally:
+            channel.close()
+    return needs_token
 
 
 def _token_available() -> bool:
@@ -215,9 +224,9 @@ def connect(address: str, dashboard: bool = False) -> None:
     """Start (`local`) or join (`auto`, an address) a Ray cluster, with errors that name the cause.
 
     `local` always starts a new Ray here, even where RAY_ADDRESS is set or another cluster runs.
-    Joining by address turns on Ray's token authentication when a token is at hand (RAY_AUTH_TOKEN,
-    RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token), as Ray itself does only for `auto`: clusters started
-    by `ray start` since Ray 2.60 require it.
+    Joining a cluster that requires token authentication (the default of `ray start` since Ray 2.60)
+    turns it on for this process when a token is at hand (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or
+    ~/.ray/auth_token), as Ray itself does only for `auto`.
     """
     import ray
 
@@ -227,19 +236,16 @@ def connect(address: str, dashboard: bool = False) -> None:
         if address == "local":
             ray.init(address="local", include_dashboard=dashboard, log_to_driver=False)
             return
-        if address != "auto" and not address.startswith("ray://"):
-            _probe(address)
-        if "RAY_AUTH_MODE" not in os.environ and _token_available():
+        if address != "auto" and not address.startswith("ray://") and _probe(address):
+            if os.environ.get("RAY_AUTH_MODE", "token") != "token" or not _token_available():
+                raise EvomergeError(
+                    f"the Ray cluster at {address!r} requires token authentication: put its token in "
+                    "~/.ray/auth_token or RAY_AUTH_TOKEN (`ray get-auth-token` on the head prints it)"
+                )
             os.environ["RAY_AUTH_MODE"] = "token"
         ray.init(address=address, log_to_driver=False)
     except (ConnectionError, RuntimeError, ValueError, ray.exceptions.RayError) as err:
-        hint = ""
-        if os.environ.get("RAY_AUTH_MODE") != "token":
-            hint = (
-                "; if the cluster uses token authentication (the default of `ray start` since Ray 2.60), "
-                "set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (or ~/.ray/auth_token)"
-            )
-        raise EvomergeError(f"cannot reach a Ray cluster at {address!r}: {cause_line(err)}{hint}") from err
+        raise EvomergeError(f"cannot reach a Ray cluster at {address!r}: {cause_line(err)}") from err
 
 
 def seeds_bytes(seeds_dir: Path) -> int:
