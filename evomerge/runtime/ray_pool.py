@@ -24,6 +24,7 @@ joins when Ray finds room for it, so a node that comes back is used again.
 from __future__ import annotations
 
 import os
+import socket
 import sys
 import time
 from collections import deque
@@ -144,7 +145,7 @@ class WorkerSlot:
     actor: Any = None
     node: str = "?"
     pid: int = 0
-    state: str = "starting"  # starting | live | retired
+    state: str = "starting"  # starting | live | checking (unreachable, health check out) | retired
     ready_ref: Any = None
     starting_since: float = 0.0
     start_failures: int = 0
@@ -177,6 +178,17 @@ def _no_room(timeout: float, options: ExecutorSpec) -> ExecutorFailure:
 _GCS_PING = "/ray.rpc.NodeInfoGcsService/GetClusterId"  # the first call every Ray client makes to a cluster
 
 
+def _outward_address() -> str:
+    """This machine's address as Ray picks it for a loopback host: the interface a UDP socket would leave by
+    (connecting a UDP socket sends nothing)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("8.8.8.8", 80))
+            return probe.getsockname()[0]
+        except OSError:
+            return "127.0.0.1"
+
+
 def _probe(address: str, timeout: float = 5.0) -> bool:
     """Ask the address's GCS for its cluster id: fail in seconds, naming the cause, where `ray.init` would
     retry for a minute or hang; returns whether the cluster requires token authentication.
@@ -188,11 +200,7 @@ def _probe(address: str, timeout: float = 5.0) -> bool:
     host, _, port_text = address.rpartition(":")
     if not host or not port_text.isdigit():
         raise EvomergeError(f"--ray {address!r}: expected HOST:PORT, 'local' or 'auto'")
-    hosts = [host]
-    if host in ("127.0.0.1", "localhost"):
-        import ray.util
-
-        hosts.append(ray.util.get_node_ip_address())  # where Ray will actually connect
+    hosts = [host] + ([_outward_address()] if host in ("127.0.0.1", "localhost") else [])
     needs_token = False
     for target in dict.fromkeys(hosts):
         via = f" (Ray connects to {host} as {target})" if target != host else ""
@@ -202,7 +210,10 @@ def _probe(address: str, timeout: float = 5.0) -> bool:
         except grpc.RpcError as err:
             if err.code() == grpc.StatusCode.UNAUTHENTICATED:
                 needs_token = True
-            elif err.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+            elif "HTTP/2" not in (err.details() or "") and err.code() in (
+                grpc.StatusCode.UNAVAILABLE,
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+            ):  # nothing answers; a server that does not speak HTTP/2 is not a Ray cluster either
                 raise EvomergeError(f"cannot reach a Ray cluster at {address!r}{via}: {err.details()}") from None
             else:
                 raise EvomergeError(
@@ -220,6 +231,23 @@ def _token_available() -> bool:
     return (Path.home() / ".ray" / "auth_token").is_file()
 
 
+def _use_token(address: str) -> None:
+    """Token authentication for a cluster that requires it; Ray reads the mode once, when it is imported."""
+    if os.environ.get("RAY_AUTH_MODE") == "token":
+        return
+    if os.environ.get("RAY_AUTH_MODE") or not _token_available():
+        raise EvomergeError(
+            f"the Ray cluster at {address!r} requires token authentication: set RAY_AUTH_MODE=token and put its "
+            "token in ~/.ray/auth_token or RAY_AUTH_TOKEN (`ray get-auth-token` on the head prints it)"
+        )
+    if "ray" in sys.modules:
+        raise EvomergeError(
+            f"the Ray cluster at {address!r} requires token authentication: set RAY_AUTH_MODE=token before Ray "
+            "is imported in this process"
+        )
+    os.environ["RAY_AUTH_MODE"] = "token"
+
+
 def connect(address: str, dashboard: bool = False) -> None:
     """Start (`local`) or join (`auto`, an address) a Ray cluster, with errors that name the cause.
 
@@ -228,22 +256,17 @@ def connect(address: str, dashboard: bool = False) -> None:
     turns it on for this process when a token is at hand (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or
     ~/.ray/auth_token), as Ray itself does only for `auto`.
     """
+    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+        return
+    if address not in ("local", "auto") and not address.startswith("ray://") and _probe(address):
+        _use_token(address)
     import ray
 
-    if ray.is_initialized():
-        return
     try:
         if address == "local":
             ray.init(address="local", include_dashboard=dashboard, log_to_driver=False)
-            return
-        if address != "auto" and not address.startswith("ray://") and _probe(address):
-            if os.environ.get("RAY_AUTH_MODE", "token") != "token" or not _token_available():
-                raise EvomergeError(
-                    f"the Ray cluster at {address!r} requires token authentication: put its token in "
-                    "~/.ray/auth_token or RAY_AUTH_TOKEN (`ray get-auth-token` on the head prints it)"
-                )
-            os.environ["RAY_AUTH_MODE"] = "token"
-        ray.init(address=address, log_to_driver=False)
+        else:
+            ray.init(address=address, log_to_driver=False)
     except (ConnectionError, RuntimeError, ValueError, ray.exceptions.RayError) as err:
         raise EvomergeError(f"cannot reach a Ray cluster at {address!r}: {cause_line(err)}") from err
 
@@ -276,13 +299,13 @@ class RayExecutor:
         """`options` is the spec's `runtime.executor`; `threads` torch threads per worker; `wait_s` the
         longest single `ray.wait` (deadlines are checked between waits); `notify` takes one-line notices
         (a worker replaced, a node lost or back)."""
-        import ray
-
         self.options = options
         self.wait_s = wait_s
         self.notify = notify
         self.start_timeout_s = start_timeout(options, seeds_dir)
-        connect(options.address, dashboard=options.dashboard)
+        connect(options.address, dashboard=options.dashboard)  # before Ray is imported: it may set the auth mode
+        import ray
+
         available = ray.cluster_resources()
         if options.gpus_per_worker and available.get("GPU", 0) < options.gpus_per_worker * options.workers:
             raise EvomergeError(
@@ -347,13 +370,17 @@ class RayExecutor:
                 self.notify(f"evaluator worker {slot.index} is still waiting for room in the Ray cluster; going on")
 
     def _started(self, slot: WorkerSlot) -> None:
-        """A worker's health check came back: live, or a failed start (retried, then the slot retired)."""
+        """A worker's health check came back: live, or a failed start (retried, then the slot retired), or,
+        for a worker that was unreachable, dead after all."""
         import ray
 
         ref, slot.ready_ref = slot.ready_ref, None
         try:
             slot.node, slot.pid = ray.get(ref)
         except ray.exceptions.RayError as err:
+            if slot.state == "checking":
+                self._worker_died(slot, err, node_died=classify(err) is Fault.NODE)
+                return
             slot.start_failures += 1
             ray.kill(slot.actor, no_restart=True)
             if slot.start_failures < MAX_START_ATTEMPTS:
@@ -367,6 +394,8 @@ class RayExecutor:
             if all(s.state == "retired" for s in self.workers):
                 raise ExecutorFailure(f"no evaluator worker can start: {cause_line(err)}") from err
             return
+        if slot.state == "checking":
+            self.notify(f"evaluator worker {slot.index} answers again")
         slot.state, slot.start_failures = "live", 0
         if slot.waiting_noted:
             self.notify(f"evaluator worker {slot.index} started on node {self._nodes.get(slot.node, slot.node[:8])}")
@@ -386,6 +415,9 @@ class RayExecutor:
     def _check_starting(self) -> None:
         now = time.monotonic()
         for slot in self.workers:
+            if slot.state == "checking" and now - slot.starting_since > self.start_timeout_s:
+                for entry in reversed(self._replace(slot, "stayed unreachable")):
+                    self.queue.appendleft(entry.task)
             if slot.state == "starting" and not slot.waiting_noted and now - slot.starting_since > self.start_timeout_s:
                 slot.waiting_noted = True
                 self.notify(
@@ -471,7 +503,7 @@ class RayExecutor:
         """Wait for one result or worker start (at most `wait_s`), then apply the fault policy."""
         import ray
 
-        starting = {s.ready_ref: s for s in self.workers if s.state == "starting"}
+        starting = {s.ready_ref: s for s in self.workers if s.state in ("starting", "checking")}
         refs = list(self.running) + list(starting)
         if refs:
             done, _ = ray.wait(refs, num_returns=1, timeout=self.wait_s)
@@ -534,7 +566,17 @@ class RayExecutor:
         else:
             self.ready.append(Outcome(task.candidate, None, message, seconds))
 
+    def _check(self, slot: WorkerSlot, err: BaseException) -> None:
+        """An unreachable worker gets no more tasks until a health check answers (or shows it dead)."""
+        if slot.state != "live":
+            return
+        slot.state, slot.starting_since = "checking", time.monotonic()
+        slot.ready_ref = slot.actor.ready.remote()
+        self.notify(f"evaluator worker {slot.index} is unreachable ({cause_line(err, 120)}); checking it")
+
     def _fault(self, ref: Any, err: BaseException) -> None:
+        import ray
+
         entry = self.running[ref]
         kind = classify(err)
         if kind is Fault.FATAL:
@@ -543,7 +585,10 @@ class RayExecutor:
             self._leave_fifo(entry, ref)
             del self.running[ref]
             task = entry.task
-            task.transients += kind is Fault.TRANSIENT
+            if isinstance(err, ray.exceptions.ActorUnavailableError):
+                self._check(entry.worker, err)  # the worker's fault, if any: it is checked, the task goes elsewhere
+            else:
+                task.transients += kind is Fault.TRANSIENT
             if kind is Fault.TASK:
                 self._fail(task, cause_line(err))
             elif task.transients >= MAX_TRANSIENT:
