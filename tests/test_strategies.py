@@ -169,3 +169,35 @@ def test_cma_es_state_with_a_failed_member_round_trips():
         for s in (strategy, restored):
             s.tell(Candidate(cid, proposals[cid].genome, proposals[cid].meta), EvalResult({"accuracy": 0.1 * cid}))
     np.testing.assert_array_equal(strategy.ask().genome, restored.ask().genome)
+
+
+@pytest.mark.parametrize("name", ["ga", "m2n2", "map_elites"])
+def test_failed_initial_models_are_asked_again_up_to_three_times_across_a_snapshot(name: str, tmp_path):
+    strategy, space = build(name)
+    for cid in range(2):  # both initial models fail
+        proposal = strategy.ask()
+        strategy.tell(Candidate(cid, proposal.genome, proposal.meta), None)
+    save_state(tmp_path / "s.safetensors", strategy.state_dict())
+    restored, _ = build(name, seed=123)
+    restored.load_state_dict(load_state(tmp_path / "s.safetensors"))
+    for s in (strategy, restored):
+        metas = []
+        for cid in range(2, 6):  # attempts 2 and 3 of each, then nothing is left to ask
+            proposal = s.ask()
+            np.testing.assert_array_equal(proposal.genome, space.initial()[proposal.meta["init"]])
+            metas.append(proposal.meta)
+            s.tell(Candidate(cid, proposal.genome, proposal.meta), None)
+        assert metas == [{"init": k, "attempt": a} for a in (2, 3) for k in (0, 1)]
+        assert s.ask() is None and s.best() is None
+
+
+@pytest.mark.parametrize("name", ["ga", "m2n2", "map_elites"])
+def test_a_retried_initial_model_comes_before_any_child(name: str):
+    strategy, space = build(name)
+    first, second = strategy.ask(), strategy.ask()
+    strategy.tell(Candidate(0, first.genome, first.meta), None)
+    strategy.tell(Candidate(1, second.genome, second.meta), evaluate(space.decode(second.genome)["w"].numpy()))
+    again = strategy.ask()
+    assert again.meta == {"init": 0, "attempt": 2}
+    strategy.tell(Candidate(2, again.genome, again.meta), evaluate(space.decode(again.genome)["w"].numpy()))
+    assert "parents" in strategy.ask().meta

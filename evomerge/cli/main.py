@@ -40,15 +40,19 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--name", help="run name, i.e. the directory under the output root (overrides the spec's name)")
     run.add_argument("--output", help="root folder for run directories (default: the spec's output, 'runs')")
     run.add_argument("--quiet", action="store_true", help="no progress display")
-    _executor_flags(run)
+    _executor_flags(run, "the spec's runtime.executor, in this process unless it names Ray")
 
     resume = sub.add_parser(
-        "resume", help="continue an interrupted run", description="Continue RUN from its last snapshot and journal."
+        "resume",
+        help="continue an interrupted run",
+        description="Continue RUN from its last snapshot and journal. By default it evaluates with the executor the "
+        "run used (runtime.executor in RUN/spec.yaml, e.g. the Ray cluster it ran on); --ray moves it to a "
+        "cluster, --in-process brings it back to this process.",
     )
     resume.add_argument("run", metavar="RUN", help="a run directory, e.g. runs/m2n2-digits-scratch")
     resume.add_argument("--budget", type=int, help="new total budget (to extend a finished run)")
     resume.add_argument("--quiet", action="store_true", help="no progress display")
-    _executor_flags(resume)
+    _executor_flags(resume, "the executor the run used, as its spec.yaml names it")
 
     report = sub.add_parser(
         "report",
@@ -124,23 +128,34 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _executor_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
+def _executor_flags(parser: argparse.ArgumentParser, default: str) -> None:
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument(
         "--ray",
         metavar="ADDRESS",
         help="evaluate on Ray actors: 'local' starts Ray here, 'auto' joins the running cluster, or host:port "
-        "(without it evaluation runs in this process and Ray is not imported)",
+        f"(default: {default})",
+    )
+    where.add_argument(
+        "--in-process",
+        action="store_true",
+        help="evaluate in this process, whatever executor the spec names; Ray is not imported "
+        "(e.g. to go on after the run's cluster is gone)",
     )
     parser.add_argument("--workers", type=int, metavar="N", help="Ray evaluator workers (default: the spec's, 2)")
     parser.add_argument("--deterministic", action="store_true", help="with --ray: apply results in submission order")
+    parser.set_defaults(command_parser=parser)  # for main's check of --in-process against the Ray-only flags
 
 
 def _executor_override(args: argparse.Namespace, current):
-    """The spec's executor with the command line's --ray/--workers/--deterministic applied (None: unchanged)."""
+    """The spec's executor with the command line's --ray/--in-process/--workers/--deterministic applied
+    (None: unchanged)."""
     import dataclasses
 
     from evomerge.schema import require
 
+    if args.in_process:
+        return dataclasses.replace(current, name="inprocess")
     if args.ray is None and args.workers is None and not args.deterministic:
         return None
     changes = {"name": "ray"} if args.ray is not None else {}
@@ -337,10 +352,20 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if getattr(args, "in_process", False) and (args.workers is not None or args.deterministic):
+        ray_flag = "--workers" if args.workers is not None else "--deterministic"
+        args.command_parser.error(f"argument --in-process: not allowed with argument {ray_flag}")
     try:
         return COMMANDS[args.command](args)
     except EvomergeError as err:
         print(f"evomerge: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a full disk where no NoSpaceError names the file (e.g. a library's own writes)
+        from evomerge.store.atomic import FULL_DISK
+
+        if err.errno not in FULL_DISK:
+            raise
+        print(f"evomerge: error: {err.filename or 'a write'}: no space left on device", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("evomerge: interrupted", file=sys.stderr)

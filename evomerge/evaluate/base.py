@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -35,6 +36,14 @@ class Evaluator(Protocol):
     def test(self, params: dict[str, torch.Tensor]) -> dict[str, float]:
         """Held-out metrics, reported but never used for selection."""
         ...
+
+
+@runtime_checkable
+class RunBound(Protocol):
+    """An evaluator that keeps files of its own per run (e.g. fault markers): the driver and every Ray worker
+    call `bind_run` with the run directory before the first evaluation, so two runs never share that state."""
+
+    def bind_run(self, run_dir: Path) -> None: ...
 
 
 def as_result(raw: Any, n_examples: int | None) -> EvalResult:

@@ -2,7 +2,9 @@
 
 For testing evomerge's fault handling, and a cluster's: `evaluator: {name: faulty, exit_on: [7]}`.
 The executor tells it each candidate's id before evaluating (`candidate_id`). "Once" faults
-leave a marker file, so a replaced worker on the same machine does not repeat them.
+leave a marker file, so a replaced worker (or a resumed driver) does not repeat them; markers live
+in the run's `faults/` folder (the evaluator is bound to its run, see `RunBound`), or in
+`marker_dir` when given, which runs then share.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ class FaultyOptions(ClassificationOptions):
     hang_on: list[int] = field(default_factory=list)
     hang_s: float = 3600.0
     sleep_on: dict[int, float] = field(default_factory=dict)  # candidate id -> seconds, then a normal result
-    marker_dir: str = "/tmp/evomerge-faulty"
+    marker_dir: str | None = None  # default: RUN/faults
 
 
 class FaultyEvaluator(ClassificationEvaluator):
@@ -37,15 +39,27 @@ class FaultyEvaluator(ClassificationEvaluator):
         super().__init__(options)
         self.faults = options
         self.candidate_id: int | None = None
+        self.marker_dir: Path | None = None if options.marker_dir is None else Path(options.marker_dir)
+
+    def bind_run(self, run_dir: Path) -> None:
+        if self.faults.marker_dir is None:
+            self.marker_dir = Path(run_dir) / "faults"
+
+    def first_time(self, fault: str, cid: int) -> bool:
+        """True the first time `fault` hits candidate `cid` in this run (or marker folder): leaves its marker."""
+        if self.marker_dir is None:
+            raise RuntimeError(f"{fault} on candidate {cid} needs a run directory or marker_dir for its marker")
+        marker = self.marker_dir / f"{fault}-{cid}"
+        if marker.exists():
+            return False
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.touch()
+        return True
 
     def evaluate(self, params: dict[str, torch.Tensor]) -> EvalResult:
         cid, f = self.candidate_id, self.faults
-        if cid in f.exit_once_on:
-            marker = Path(f.marker_dir) / f"exit-{cid}"
-            if not marker.exists():
-                marker.parent.mkdir(parents=True, exist_ok=True)
-                marker.touch()
-                os._exit(3)
+        if cid in f.exit_once_on and self.first_time("exit", cid):
+            os._exit(3)
         if cid in f.exit_on:
             os._exit(3)
         if cid in f.hang_on:

@@ -8,6 +8,7 @@ and are listed as dropped. Hypervolume is reported against a stated reference po
 from __future__ import annotations
 
 import csv
+import io
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,6 +19,7 @@ import yaml
 from evomerge.errors import EvomergeError
 from evomerge.pareto import Objectives, hypervolume, non_dominated
 from evomerge.store import RunDir, read_journal
+from evomerge.store.atomic import atomic_write_text
 
 FRONT_FILE = "front.csv"
 
@@ -132,18 +134,17 @@ def write_front(run: RunDir, test: Callable[[np.ndarray], dict[str, float]] | No
     test_keys = sorted({k for p in front.points for k in p.test})
     header = ["point", "id", "phase", *[f"gene_{i}" for i in range(genes)], *names]
     header += [f"predicted_{n}" for n in names] + [f"test_{k}" for k in test_keys]
-    tmp = run.path / f".{FRONT_FILE}.tmp"
-    with open(tmp, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(header)
-        for k, p in enumerate(front.points):
-            predicted = p.predicted or {}
-            writer.writerow(
-                [k, p.id, p.phase or "", *(p.genes or [""] * genes), *(p.values[n] for n in names)]
-                + [predicted.get(n, "") for n in names]
-                + [p.test.get(key, "") for key in test_keys]
-            )
-    tmp.replace(run.path / FRONT_FILE)
+    text = io.StringIO(newline="")
+    writer = csv.writer(text)
+    writer.writerow(header)
+    for k, p in enumerate(front.points):
+        predicted = p.predicted or {}
+        writer.writerow(
+            [k, p.id, p.phase or "", *(p.genes or [""] * genes), *(p.values[n] for n in names)]
+            + [predicted.get(n, "") for n in names]
+            + [p.test.get(key, "") for key in test_keys]
+        )
+    atomic_write_text(run.path / FRONT_FILE, text.getvalue())
     from evomerge.report.front_plots import plot_front
 
     return {

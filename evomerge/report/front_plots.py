@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from evomerge.pareto import non_dominated
-from evomerge.report.plots import pyplot
+from evomerge.report.plots import pyplot, save_figure
 
 if TYPE_CHECKING:
     from evomerge.report.front import RunFront
@@ -94,7 +94,7 @@ def plot_front(run: RunDir, front: RunFront, reference_front: np.ndarray | None 
     fig.suptitle(f"{run.path.name}: {len(front.points)} front points of {len(front.evaluated)} evaluated")
     fig.tight_layout()
     path = run.plots_dir / "front.png"
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
     plt.close(fig)
     out.append(str(path))
 
@@ -114,7 +114,7 @@ def plot_front(run: RunDir, front: RunFront, reference_front: np.ndarray | None 
             ax.grid(alpha=0.3)
         fig.tight_layout()
         path = run.plots_dir / "predicted_vs_real.png"
-        fig.savefig(path, dpi=110)
+        save_figure(fig, path)
         plt.close(fig)
         out.append(str(path))
     return out

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from evomerge.errors import EvomergeError
 from evomerge.report.tables import read_curve
 from evomerge.store import RunDir
+from evomerge.store.atomic import atomic_write_bytes
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 DIVERSITY_KEYS = ("archive_size", "coverage", "mean_distance", "mean_disagreement")
 
@@ -20,6 +26,13 @@ def pyplot():
     except ImportError:
         return None
     return plt
+
+
+def save_figure(fig: Figure, path: Path) -> None:
+    """Render in memory, then write atomically: a full disk leaves the old plot, never half a PNG."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format=Path(path).suffix.lstrip(".") or "png", dpi=110)
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def plot_run(run: RunDir) -> list[str]:
@@ -44,7 +57,7 @@ def plot_run(run: RunDir) -> list[str]:
     ax.legend(loc="lower right")
     fig.tight_layout()
     path = run.plots_dir / "accuracy.png"
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
     plt.close(fig)
     out.append(str(path))
 
@@ -59,7 +72,7 @@ def plot_run(run: RunDir) -> list[str]:
         fig.suptitle(f"archive diversity: {run.path.name}")
         fig.tight_layout()
         path = run.plots_dir / "diversity.png"
-        fig.savefig(path, dpi=110)
+        save_figure(fig, path)
         plt.close(fig)
         out.append(str(path))
     return out
@@ -85,6 +98,6 @@ def compare_runs(runs: list[RunDir], out: Path, metric: str = "test_accuracy") -
     ax.legend(fontsize=8)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
+    save_figure(fig, out)
     plt.close(fig)
     return str(out)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import json
 import shutil
 import sys
@@ -11,6 +13,7 @@ from typing import Any
 
 from evomerge.errors import RunDirError
 from evomerge.evaluate import EVALUATORS, Evaluator
+from evomerge.evaluate.base import RunBound
 from evomerge.pareto import Objectives
 from evomerge.runtime.executor import InProcessExecutor
 from evomerge.runtime.manager import SearchManager
@@ -19,17 +22,23 @@ from evomerge.search import STRATEGIES, Strategy
 from evomerge.seeds import build_seeds, load_seeds, save_seeds
 from evomerge.space import SPACES, Space
 from evomerge.spec import ExecutorSpec, SearchSpec
-from evomerge.store import RunDir, read_journal
-from evomerge.store.atomic import atomic_write_text
+from evomerge.store import NoSpaceError, RunDir, read_journal
+from evomerge.store.atomic import atomic_write_text, reporting_full_disk
 from evomerge.weights.io import save_tensors
 
 
-def build_evaluator_and_space(spec: SearchSpec, seeds_dir: Path, fresh_seeds: bool = False) -> tuple[Evaluator, Space]:
-    """The evaluator and the space over the seed models in `seeds_dir` (built and saved there first if fresh).
+def build_evaluator_and_space(
+    spec: SearchSpec, seeds_dir: Path, fresh_seeds: bool = False, run_dir: Path | None = None
+) -> tuple[Evaluator, Space]:
+    """The evaluator, bound to its run, and the space over the seed models in `seeds_dir` (built and saved there
+    first if fresh).
 
-    The driver and every Ray worker build them the same way.
+    The driver and every Ray worker build them the same way; `run_dir` defaults to the folder holding
+    `seeds_dir` (RUN/seeds), which is all a worker is given.
     """
     evaluator = EVALUATORS.build(spec.evaluator)
+    if isinstance(evaluator, RunBound):
+        evaluator.bind_run(run_dir if run_dir is not None else seeds_dir.parent)
     layout = evaluator.layout()
     if fresh_seeds:
         seeds = build_seeds(spec.models, evaluator, spec.evaluator.to_plain(), spec.seed)
@@ -41,7 +50,7 @@ def build_evaluator_and_space(spec: SearchSpec, seeds_dir: Path, fresh_seeds: bo
 
 def build_parts(run: RunDir, spec: SearchSpec, fresh_seeds: bool) -> tuple[Evaluator, Space, Strategy]:
     """The evaluator, the space over the run's seed models, and a fresh strategy."""
-    evaluator, space = build_evaluator_and_space(spec, run.seeds_dir, fresh_seeds)
+    evaluator, space = build_evaluator_and_space(spec, run.seeds_dir, fresh_seeds, run.path)
     strategy = STRATEGIES.build(spec.strategy, space=space, seed=spec.seed)
     metric_names = getattr(evaluator, "metric_names", None)
     if isinstance(getattr(strategy, "objectives", None), Objectives) and metric_names is not None:
@@ -78,7 +87,6 @@ def start_run(spec: SearchSpec, root: str | Path | None = None, progress: bool =
             if fresh:
                 shutil.rmtree(run.path, ignore_errors=True)
             raise
-        run.update_info(status="running")
         _drive(run, manager)
     finally:
         run.held_lock.release()
@@ -108,7 +116,6 @@ def resume_run(
             raise
         if replayed:
             print(f"resume {run.path.name}: replayed {replayed:,} journaled results", file=sys.stderr)
-        run.update_info(status="running", budget=budget)
         _drive(run, manager)
     return run
 
@@ -139,11 +146,22 @@ def _resume_budget(run: RunDir, info: dict[str, Any], budget: int | None, done: 
 
 def _drive(run: RunDir, manager: SearchManager) -> None:
     try:
+        run.update_info(status="running", budget=manager.budget)
         status = manager.loop()
         finish(run, manager, status)
     except KeyboardInterrupt:  # a second Ctrl-C: the journal is complete, the last periodic snapshot stands
         run.update_info(status="interrupted")
         raise
+    except NoSpaceError as err:  # the journal ends with a whole entry and the last snapshot stands: resumable
+        done = len(read_journal(run.journal_path)[0])
+        stopped = NoSpaceError(
+            err.path,
+            f"; the run stopped with {done:,} of {manager.budget:,} evaluations saved; free space, then continue "
+            f"with: evomerge resume {run.path}",
+        )
+        with contextlib.suppress(OSError, NoSpaceError):  # run.json may have no room either; it keeps "running"
+            run.update_info(status="failed", error=str(stopped))
+        raise stopped from err
     except BaseException as err:
         run.update_info(status="failed", error=f"{type(err).__name__}: {err}")
         raise
@@ -168,11 +186,17 @@ def finish(run: RunDir, manager: SearchManager, status: str) -> dict[str, Any]:
     summary["plots"] = plot_run(run)
     if isinstance(getattr(manager.strategy, "objectives", None), Objectives):  # a multi-objective search
         from evomerge.report.front import write_front
-        from evomerge.report.optuna_mirror import mirror_run
+        from evomerge.report.optuna_mirror import MIRROR_FILE, mirror_run
 
         summary["front"] = write_front(run, manager.executor.test)
         summary["plots"] += summary["front"].pop("plots")
-        summary["optuna_journal"] = str(mirror_run(run.path))
+        mirror = run.path / MIRROR_FILE
+        try:
+            with reporting_full_disk(mirror):  # Optuna writes it, so its errors name no file
+                summary["optuna_journal"] = str(mirror_run(run.path))
+        except NoSpaceError:
+            mirror.unlink(missing_ok=True)  # no torn mirror: it is rebuilt whole from the journal next time
+            raise
         atomic_write_text(run.summary_path, json.dumps(summary, indent=2) + "\n")
     run.update_info(status=status, evaluations=summary["evaluations"])
     return summary
@@ -182,9 +206,8 @@ def write_curve(path: Path, curve: list[dict[str, float]]) -> None:
     keys: list[str] = []
     for row in curve:
         keys += [k for k in row if k not in keys]
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=keys)
-        writer.writeheader()
-        writer.writerows(curve)
-    tmp.replace(path)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=keys)
+    writer.writeheader()
+    writer.writerows(curve)
+    atomic_write_text(path, text.getvalue())

@@ -10,7 +10,8 @@ import numpy as np
 
 from evomerge.errors import EvomergeError
 from evomerge.runtime.driver import build_parts
-from evomerge.store import RunDir, iter_journal, load_state
+from evomerge.store import NoSpaceError, RunDir, iter_journal, load_state
+from evomerge.store.atomic import FULL_DISK
 from evomerge.weights.checkpoint import write_checkpoint
 from evomerge.yaml_io import dump_plain_yaml
 
@@ -88,10 +89,11 @@ def _write_export(
         extra["merge_plan.yaml"] = dump_plain_yaml(plan)
     tensors = space.decode(genome)
     entries = [(n, tuple(t.shape), t.dtype) for n, t in tensors.items()]
-    return write_checkpoint(
-        out,
-        entries,
-        tensors.items(),
-        extra_files=extra,
-        metadata={"evomerge_run": run.path.name},
-    )
+    try:
+        return write_checkpoint(
+            out, entries, tensors.items(), extra_files=extra, metadata={"evomerge_run": run.path.name}
+        )
+    except OSError as err:  # write_checkpoint has removed its partial folder
+        if err.errno in FULL_DISK:
+            raise NoSpaceError(out, "; nothing was exported; free space and export again") from err
+        raise

@@ -9,6 +9,7 @@ executor, worker count or result order was, and may continue on any executor.
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import sys
 import time
@@ -20,7 +21,7 @@ import numpy as np
 
 from evomerge.errors import EvomergeError, RunDirError
 from evomerge.evaluate.base import EvalResult
-from evomerge.runtime.executor import Executor, Outcome
+from evomerge.runtime.executor import Executor, ExecutorFailure, Outcome
 from evomerge.runtime.progress import Progress
 from evomerge.search.base import Candidate, Strategy
 from evomerge.space.base import Space
@@ -44,6 +45,7 @@ class DriverState:
     strategy_seconds: float = 0.0  # inside ask and tell: selection, crossover, mutation, archive update
     curve: list[dict[str, float]] = field(default_factory=list)
     last_test: dict[str, float] = field(default_factory=dict)
+    last_error: str | None = None  # the latest failure's reason, for an error that stops the run (even resumed)
 
     def to_dict(self) -> dict[str, Any]:
         return dict(vars(self))
@@ -82,7 +84,6 @@ class SearchManager:
         self._held: dict[int, Outcome] = {}  # results waiting to be applied
         self._stop = False
         self._replaying = False
-        self._last_error: str | None = None
         self._journal: Journal | None = None
         self._progress = Progress(budget, enabled=progress and spec.runtime.progress)
 
@@ -159,7 +160,7 @@ class SearchManager:
                 if not self._order:
                     if self.strategy.finished:
                         break
-                    cause = f"; the last failure: {self._last_error}" if self._last_error else ""
+                    cause = f"; the last failure: {self.state.last_error}" if self.state.last_error else ""
                     raise EvomergeError(
                         f"the {self.spec.strategy.name} search has nothing to ask and nothing is being evaluated "
                         f"after {self.state.evaluated} evaluations ({self.state.failures} failed{cause})"
@@ -172,8 +173,16 @@ class SearchManager:
                     self._tell(outcome)
                     self._journal_result(outcome)
                     self._after_result()
-        except BaseException:
+        except ExecutorFailure as err:  # stop cleanly: what was applied is journaled, the snapshot resubmits the rest
+            self.state.wall_seconds = wall_before + time.perf_counter() - start
+            self.snapshot()
             self.close_journal()
+            raise ExecutorFailure(
+                f"{err}; stopped after {self.state.evaluated:,} evaluations, continue with: "
+                f"evomerge resume {self.run.path}"
+            ) from err
+        except BaseException:
+            self._close_journal_after_error()
             raise
         finally:
             self.state.wall_seconds = wall_before + time.perf_counter() - start
@@ -184,14 +193,21 @@ class SearchManager:
             if status == "finished":
                 self._log_point()  # an interrupted run adds no point, so resuming it reproduces the curve
             self.snapshot()
-        finally:
-            self.close_journal()
+        except BaseException:
+            self._close_journal_after_error()
+            raise
+        self.close_journal()
         return status
 
     def close_journal(self) -> None:
-        if self._journal is not None:
-            self._journal.close()
-            self._journal = None
+        journal, self._journal = self._journal, None
+        if journal is not None:
+            journal.close()
+
+    def _close_journal_after_error(self) -> None:
+        """Close the journal without hiding the error being raised (on a full disk its last sync may fail too)."""
+        with contextlib.suppress(Exception):
+            self.close_journal()
 
     def _request_stop(self, signum: int, frame: object) -> None:
         if self._stop:
@@ -252,7 +268,7 @@ class SearchManager:
         self.state.eval_seconds += outcome.seconds
         if outcome.result is None:
             self.state.failures += 1
-            self._last_error = outcome.error
+            self.state.last_error = outcome.error
 
     def _journal_result(self, outcome: Outcome) -> None:
         """One line per applied result, in application order, with what replaying it needs."""

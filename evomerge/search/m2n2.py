@@ -132,6 +132,7 @@ class M2N2(EvolutionaryStrategy):
     # tell ----------------------------------------------------------------------------------
     def tell(self, candidate: Candidate, result: EvalResult | None) -> None:
         if result is None:
+            self.retry_initial(candidate)
             return
         if result.per_example is None:
             raise EvomergeError("M2N2 needs per-example scores, and the evaluator returned none")

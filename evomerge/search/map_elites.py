@@ -82,6 +82,7 @@ class MapElites(EvolutionaryStrategy):
 
     def tell(self, candidate: Candidate, result: EvalResult | None) -> None:
         if result is None:
+            self.retry_initial(candidate)
             return
         if self.options.quality not in result.objectives:
             raise EvomergeError(f"strategy.quality: objective {self.options.quality!r} is not among the evaluator's")

@@ -6,8 +6,10 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from evomerge.search.base import Proposal, Strategy
+from evomerge.search.base import Candidate, Proposal, Strategy
 from evomerge.space.base import VariationSpace
+
+INIT_ATTEMPTS = 3  # evaluations an initial model gets in all before the search goes on without it
 
 
 class VariationOptions(Protocol):
@@ -17,20 +19,35 @@ class VariationOptions(Protocol):
 
 
 class EvolutionaryStrategy(Strategy):
-    """Asks the space's initial genomes first, then children of parents chosen by the subclass."""
+    """Asks the space's initial genomes first, then children of parents chosen by the subclass.
+
+    An initial model whose evaluation fails is asked again (as a new candidate, up to INIT_ATTEMPTS in
+    all), so that a transient fault does not lose a seed model, or, when every one fails, the whole run.
+    """
 
     def __init__(self, options: VariationOptions, space: VariationSpace, seed: int):
         super().__init__(seed)
         self.space = space
         self.inits = space.initial()
         self.next_init = 0
+        self.init_retries: list[tuple[int, int]] = []  # (initial model, attempt) to ask again, oldest first
         self._variation = options
 
     def ask_initial(self) -> Proposal | None:
-        if self.next_init >= len(self.inits):
-            return None
-        self.next_init += 1
-        return Proposal(self.inits[self.next_init - 1], {"init": self.next_init - 1})
+        if self.next_init < len(self.inits):
+            self.next_init += 1
+            return Proposal(self.inits[self.next_init - 1], {"init": self.next_init - 1})
+        if self.init_retries:
+            init, attempt = self.init_retries.pop(0)
+            return Proposal(self.inits[init], {"init": init, "attempt": attempt})
+        return None
+
+    def retry_initial(self, candidate: Candidate) -> None:
+        """Called with each failed candidate: an initial model with attempts left is queued to be asked again."""
+        init = candidate.meta.get("init")
+        attempt = int(candidate.meta.get("attempt", 1)) + 1  # the first ask carries no attempt number
+        if init is not None and attempt <= INIT_ATTEMPTS:
+            self.init_retries.append((int(init), attempt))
 
     def breed(self, first: tuple[int, np.ndarray], second: tuple[int, np.ndarray]) -> Proposal:
         """Split-point SLERP of the parents (split past the end without split point), then noise.
@@ -51,8 +68,11 @@ class EvolutionaryStrategy(Strategy):
         return Proposal(child, meta)
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "next_init": self.next_init}
+        retries = [list(r) for r in self.init_retries]
+        return {**super().state_dict(), "next_init": self.next_init, "init_retries": retries}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self.next_init = int(state["next_init"])
+        # snapshots from before retries existed have none
+        self.init_retries = [(int(i), int(a)) for i, a in state.get("init_retries", [])]

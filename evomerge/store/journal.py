@@ -1,12 +1,14 @@
 """Append-only JSONL journal: one line per evaluated candidate, each with its own CRC32.
 
 A line cut short by a crash fails its checksum and is dropped (with everything after it) when
-the run resumes; complete lines are never rewritten.
+the run resumes; complete lines are never rewritten. A line cut short by a failed write (a full
+disk) is cut off at once, so the journal always ends with a whole entry.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import threading
@@ -19,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from evomerge.errors import RunDirError
+from evomerge.store.atomic import reporting_full_disk
 
 _PREFIX = '{"crc32":"'
 _ENTRY = '","entry":'
@@ -99,7 +102,8 @@ class Journal:
 
     So a killed driver loses no whole line, and a power cut loses at most the results applied in the
     last `fsync_seconds` (0: fsync every line). `sync()` makes everything durable at once (before a
-    snapshot, so a snapshot is never ahead of the journal).
+    snapshot, so a snapshot is never ahead of the journal). A background fsync that fails (a full disk)
+    is raised by the next `append` or `sync`.
     """
 
     def __init__(self, path: str | Path, fsync_seconds: float = 1.0):
@@ -119,6 +123,7 @@ class Journal:
         self._dirty = threading.Event()
         self._closed = threading.Event()
         self._lock = threading.Lock()
+        self._sync_error: Exception | None = None
         self._syncer = None
         if fsync_seconds > 0:
             self._syncer = threading.Thread(target=self._sync_loop, name="journal-fsync", daemon=True)
@@ -129,20 +134,26 @@ class Journal:
         return JournalMark(self._entries, self._size, self._crc)
 
     def append(self, entry: dict[str, Any]) -> None:
+        self._raise_sync_error()
         line = format_line(entry)
-        self._recent.append(line)
         raw = line.encode()
-        with self._lock:
-            view = memoryview(raw)
-            while view:
-                view = view[self._file.write(view) :]
+        with self._lock, reporting_full_disk(self.path):
+            try:
+                view = memoryview(raw)
+                while view:
+                    view = view[self._file.write(view) :]
+            except BaseException:
+                with contextlib.suppress(OSError):  # if this fails too, the resume drops the torn line
+                    self._file.truncate(self._size)
+                raise
             self._crc = zlib.crc32(raw, self._crc)
             self._entries += 1
             self._size += len(raw)
+        self._recent.append(line)
         if self._fsync_seconds > 0:
             self._dirty.set()
         else:
-            os.fsync(self._file.fileno())
+            self._fsync()
 
     def recent_lines(self) -> list[str]:
         """The lines appended since the last `forget_recent()`."""
@@ -152,9 +163,17 @@ class Journal:
         self._recent.clear()
 
     def sync(self) -> None:
-        with self._lock:
+        self._raise_sync_error()
+        self._fsync()
+
+    def _fsync(self) -> None:
+        with self._lock, reporting_full_disk(self.path):
             if not self._file.closed:
                 os.fsync(self._file.fileno())
+
+    def _raise_sync_error(self) -> None:
+        if self._sync_error is not None:
+            raise self._sync_error
 
     def _sync_loop(self) -> None:
         while not self._closed.is_set():
@@ -162,15 +181,22 @@ class Journal:
             self._dirty.clear()
             if self._closed.wait(self._fsync_seconds):
                 return
-            self.sync()
+            try:
+                self._fsync()
+            except Exception as err:  # noqa: BLE001 - handed to the driver's thread, which stops the run
+                self._sync_error = err
+                return
 
     def close(self) -> None:
-        self.sync()
-        self._closed.set()
-        self._dirty.set()
-        if self._syncer is not None:
-            self._syncer.join()
-        self._file.close()
+        """Sync and close; the file is closed even when the last sync fails."""
+        try:
+            self.sync()
+        finally:
+            self._closed.set()
+            self._dirty.set()
+            if self._syncer is not None:
+                self._syncer.join()
+            self._file.close()
 
 
 def check_journal(path: str | Path, mark: dict[str, int], tail: list[str]) -> None:
@@ -187,7 +213,7 @@ def check_journal(path: str | Path, mark: dict[str, int], tail: list[str]) -> No
                 f"keeps only the last {len(tail):,}; the journal cannot be repaired"
             )
         Journal(path, fsync_seconds=0).close()  # truncates a torn last line
-        with open(path, "ab") as f:
+        with reporting_full_disk(path), open(path, "ab") as f:  # a torn line left here is truncated next time
             f.write("".join(tail[len(tail) - missing :]).encode())
             f.flush()
             os.fsync(f.fileno())

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from evomerge.errors import RunDirError
+from evomerge.store.atomic import reporting_full_disk
 
 
 class RunLock:
@@ -25,8 +26,13 @@ class RunLock:
                 f"{self.path.parent} is in use by a running driver (pid {holder}); "
                 "wait for it to finish or stop it before starting another"
             ) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
+        try:
+            with reporting_full_disk(self.path):
+                os.ftruncate(fd, 0)
+                os.write(fd, str(os.getpid()).encode())
+        except BaseException:
+            os.close(fd)
+            raise
         self._fd = fd
 
     def held_elsewhere(self) -> bool:

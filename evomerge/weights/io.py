@@ -2,24 +2,25 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from evomerge.errors import EvomergeError
+from evomerge.store.atomic import atomic_write_bytes
 from evomerge.weights.layout import Layout
 
 
 def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    """Write atomically (temp file + rename), so a crash never leaves a half-written model."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}, str(tmp), metadata=metadata or {})
-    os.replace(tmp, path)
+    """Write atomically (temp file + rename), so a crash or a full disk never leaves a half-written model.
+
+    The file is built in memory first: these are seed, best and cached task models, never large checkpoints
+    (those stream through `write_checkpoint`)."""
+    data = save({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}, metadata=metadata or {})
+    atomic_write_bytes(path, data)
 
 
 def save_flat(path: str | Path, flat: np.ndarray, layout: Layout, metadata: dict[str, str] | None = None) -> None:
