@@ -246,3 +246,13 @@ def test_dead_worker_is_replaced_when_the_cluster_is_full(tmp_path):
     assert summary["failures"] == 0 and entries[9]["status"] == entries[20]["status"] == "ok"
     assert sum(w["replaced"] for w in summary["workers"]) == 2
     assert [w["state"] for w in summary["workers"]] == ["live", "live"]  # none retired for want of room
+
+
+def test_worker_death_during_a_test_pass_is_replaced_and_the_pass_retried(tmp_path):
+    assert main(["run", str(spec_with(tmp_path, "test-crash", exit_once_on_test=True)), "--quiet"]) == 0
+    summary, entries = finished(tmp_path, "test-crash")
+    assert summary["status"] == "finished" and summary["failures"] == 0 and len(entries) == 60
+    assert sum(w["replaced"] for w in summary["workers"]) == 1
+    curve = (tmp_path / "runs" / "test-crash" / "curve.csv").read_text().splitlines()
+    header, first = curve[0].split(","), curve[1].split(",")
+    assert first[header.index("evaluations")] == "1" and float(first[header.index("test_accuracy")]) > 0

@@ -28,6 +28,7 @@ class FaultyOptions(ClassificationOptions):
     wrong_length_on: list[int] = field(default_factory=list)
     exit_on: list[int] = field(default_factory=list)  # kills the worker process every time
     exit_once_on: list[int] = field(default_factory=list)  # kills it the first time only
+    exit_once_on_test: bool = False  # the run's first test pass kills its worker
     hang_on: list[int] = field(default_factory=list)
     hang_s: float = 3600.0
     sleep_on: dict[int, float] = field(default_factory=dict)  # candidate id -> seconds, then a normal result
@@ -55,6 +56,11 @@ class FaultyEvaluator(ClassificationEvaluator):
         marker.parent.mkdir(parents=True, exist_ok=True)
         marker.touch()
         return True
+
+    def test(self, params: dict[str, torch.Tensor]) -> dict[str, float]:
+        if self.faults.exit_once_on_test and self.first_time("exit-test", 0):
+            os._exit(3)
+        return super().test(params)
 
     def evaluate(self, params: dict[str, torch.Tensor]) -> EvalResult:
         cid, f = self.candidate_id, self.faults
