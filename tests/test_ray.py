@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -256,3 +259,38 @@ def test_worker_death_during_a_test_pass_is_replaced_and_the_pass_retried(tmp_pa
     curve = (tmp_path / "runs" / "test-crash" / "curve.csv").read_text().splitlines()
     header, first = curve[0].split(","), curve[1].split(",")
     assert first[header.index("evaluations")] == "1" and float(first[header.index("test_accuracy")]) > 0
+
+
+PLUGIN = """
+import os
+from pathlib import Path
+from evomerge.evaluate.classification import ClassificationEvaluator, ClassificationOptions
+def make(**kw):
+    if os.environ.get("PLUGIN_MARKS"):
+        Path(os.environ["PLUGIN_MARKS"], "{copy}-" + str(os.getpid())).touch()
+    return ClassificationEvaluator(ClassificationOptions(dataset="wine", hidden=[4], device="cpu"))
+"""
+
+
+def test_plugin_evaluator_shipped_to_workers_by_runtime_env(tmp_path):
+    """The driver imports its own copy of a user's evaluator package; `runtime_env: {py_modules: [...]}`
+    ships another to the workers (whose import leaves a mark), as it would to every node of a cluster."""
+    for copy in ("driver", "shipped"):
+        (tmp_path / copy / "my_eval_plugin").mkdir(parents=True)
+        (tmp_path / copy / "my_eval_plugin" / "__init__.py").write_text(PLUGIN.replace("{copy}", copy))
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    path = spec_with(tmp_path, "plugin", budget=20)
+    spec = yaml.safe_load(path.read_text())
+    spec["evaluator"] = "my_eval_plugin:make"
+    spec["runtime"]["executor"]["runtime_env"] = {
+        "py_modules": [str(tmp_path / "shipped" / "my_eval_plugin")],
+        "env_vars": {"PLUGIN_MARKS": str(marks)},
+    }
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "driver")}
+    cmd = [sys.executable, "-m", "evomerge", "run", str(write_spec(path, spec)), "--quiet", "--ray", "local"]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    summary, _ = finished(tmp_path, "plugin")
+    assert summary["evaluations"] == 20 and sum(w["evaluations"] for w in summary["workers"]) == 20
+    assert sorted(m.name.split("-")[0] for m in marks.iterdir()) == ["shipped", "shipped"]  # both workers

@@ -163,3 +163,28 @@ def test_no_worker_left_stops_the_run_resumable(tmp_path, cluster):
     assert resumed.returncode == 0, resumed.stderr
     entries, _ = read_journal(run / "journal.jsonl")
     assert len(entries) == 600 > done and sorted(e["id"] for e in entries) == list(range(600))
+
+
+def test_ray_local_starts_its_own_even_where_ray_address_is_set(tmp_path, cluster):
+    c, _ = cluster
+    path = tmp_path / "local.yaml"
+    spec = {
+        "name": "own",
+        "budget": 30,
+        "output": str(tmp_path / "runs"),
+        "evaluator": {"name": "classification", "dataset": "wine", "hidden": [8], "device": "cpu"},
+        "strategy": {"name": "m2n2", "population": 4},
+        "runtime": {"progress": False, "executor": {"name": "ray", "workers": 1, "cpus_per_worker": 0.5}},
+    }
+    write_spec(path, spec)
+    result = subprocess.run(
+        [sys.executable, "-m", "evomerge", "run", str(path), "--quiet", "--ray", "local"],
+        env={**os.environ, "RAY_ADDRESS": c.address},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((tmp_path / "runs" / "own" / "summary.json").read_text())
+    cluster_nodes = {node.node_id for node in c.list_all_nodes()}
+    assert summary["workers"][0]["node"] not in cluster_nodes

@@ -248,8 +248,11 @@ def _use_token(address: str) -> None:
     os.environ["RAY_AUTH_MODE"] = "token"
 
 
-def connect(address: str, dashboard: bool = False) -> None:
+def connect(address: str, dashboard: bool = False, runtime_env: dict[str, Any] | None = None) -> None:
     """Start (`local`) or join (`auto`, an address) a Ray cluster, with errors that name the cause.
+
+    `runtime_env` is the job's Ray runtime environment: `py_modules` or `working_dir` ship a plugin
+    evaluator's code to every node (Ray uploads local folders only at this point, not per actor).
 
     `local` always starts a new Ray here, even where RAY_ADDRESS is set or another cluster runs.
     Joining a cluster that requires token authentication (the default of `ray start` since Ray 2.60)
@@ -257,6 +260,11 @@ def connect(address: str, dashboard: bool = False) -> None:
     ~/.ray/auth_token), as Ray itself does only for `auto`.
     """
     if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+        if runtime_env:
+            raise EvomergeError(
+                "runtime.executor.runtime_env: Ray was already started in this process, so its runtime environment "
+                "is set there (ray.init(runtime_env=...)), not in the spec"
+            )
         return
     if address not in ("local", "auto") and not address.startswith("ray://") and _probe(address):
         _use_token(address)
@@ -264,9 +272,9 @@ def connect(address: str, dashboard: bool = False) -> None:
 
     try:
         if address == "local":
-            ray.init(address="local", include_dashboard=dashboard, log_to_driver=False)
+            ray.init(address="local", include_dashboard=dashboard, log_to_driver=False, runtime_env=runtime_env)
         else:
-            ray.init(address=address, log_to_driver=False)
+            ray.init(address=address, log_to_driver=False, runtime_env=runtime_env)
     except (ConnectionError, RuntimeError, ValueError, ray.exceptions.RayError) as err:
         raise EvomergeError(f"cannot reach a Ray cluster at {address!r}: {cause_line(err)}") from err
 
@@ -303,7 +311,7 @@ class RayExecutor:
         self.wait_s = wait_s
         self.notify = notify
         self.start_timeout_s = start_timeout(options, seeds_dir)
-        connect(options.address, dashboard=options.dashboard)  # before Ray is imported: it may set the auth mode
+        connect(options.address, options.dashboard, options.runtime_env)  # before Ray is imported: auth mode
         import ray
 
         available = ray.cluster_resources()
@@ -313,8 +321,6 @@ class RayExecutor:
                 f"the Ray cluster has {available.get('GPU', 0):g}"
             )
         placement: dict[str, Any] = {"accelerator_type": options.accelerator_type} if options.accelerator_type else {}
-        if options.runtime_env:
-            placement["runtime_env"] = options.runtime_env
         self._actor_class = ray.remote(
             num_cpus=options.cpus_per_worker, num_gpus=options.gpus_per_worker, max_restarts=0, **placement
         )(EvaluatorWorker)
