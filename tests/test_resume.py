@@ -108,6 +108,11 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path: Path, reference_run:
         (e["id"], e["status"], e.get("objectives"), e.get("meta"), e.get("per_example")) for e in journaled
     ]
     assert_same(after, reference_run)
+    # the driver's clocks were journaled too: the shares of wall time still add up after the kill
+    summary = json.loads((run / "summary.json").read_text())
+    shares = [summary[k] for k in ("evaluator_share", "strategy_share", "test_share", "overhead_share")]
+    assert all(0 <= share <= 1 for share in shares) and sum(shares) == pytest.approx(1.0, abs=2e-3)
+    assert summary["overhead_share"] > 0
 
 
 def test_torn_journal_line_is_dropped_and_redone(tmp_path: Path, reference_run: dict):
