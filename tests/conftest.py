@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -57,3 +59,12 @@ def assert_export_reapplies(spec: dict[str, Any], tmp_path: Path, tolerance: flo
     assert sorted(a) == sorted(b)
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=tolerance, atol=tolerance)
+
+
+def wait_for_journal(proc: subprocess.Popen, journal: Path, lines: int, timeout: float = 180.0) -> None:
+    """Wait until a running `evomerge` subprocess has journaled `lines` results (it must not exit first)."""
+    deadline = time.monotonic() + timeout
+    while not (journal.exists() and sum(1 for _ in open(journal, "rb")) >= lines):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, f"{journal}: fewer than {lines} results after {timeout:g} s"
+        time.sleep(0.05)

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from evomerge.store import read_journal
-from tests.conftest import write_spec
+from tests.conftest import wait_for_journal, write_spec
 
 ray = pytest.importorskip("ray")
 from ray.cluster_utils import Cluster  # noqa: E402
@@ -52,11 +52,7 @@ def test_search_survives_losing_a_node(tmp_path, cluster):
         text=True,
     )
     journal = tmp_path / "runs" / "node-loss" / "journal.jsonl"
-    deadline = time.monotonic() + 120
-    while not (journal.exists() and sum(1 for _ in open(journal)) >= 60):
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
+    wait_for_journal(proc, journal, 60)
     c.remove_node(extra)
     out, err = proc.communicate(timeout=240)
     assert proc.returncode == 0, err
@@ -90,14 +86,6 @@ def _run_on(c, tmp_path, name: str, budget: int, executor: dict, start_timeout_s
     )
 
 
-def _wait_for_lines(proc, journal, lines: int) -> None:
-    deadline = time.monotonic() + 120
-    while not (journal.exists() and sum(1 for _ in open(journal)) >= lines):
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
-
-
 def test_a_node_that_comes_back_is_used_again(tmp_path, cluster):
     """Workers of 1 CPU: one fits the head, two the extra node. When that node goes, its workers wait
     for room instead of being retired, and start on the node that joins in its place."""
@@ -106,7 +94,7 @@ def test_a_node_that_comes_back_is_used_again(tmp_path, cluster):
     c.wait_for_nodes()
     proc = _run_on(c, tmp_path, "comeback", 600, {"workers": 3, "cpus_per_worker": 1.0, "in_flight_per_worker": 1})
     journal = tmp_path / "runs" / "comeback" / "journal.jsonl"
-    _wait_for_lines(proc, journal, 60)
+    wait_for_journal(proc, journal, 60)
     c.remove_node(node)
     time.sleep(3)
     back = c.add_node(num_cpus=2)
@@ -144,7 +132,7 @@ def test_no_worker_left_stops_the_run_resumable(tmp_path, cluster):
     c.wait_for_nodes()
     proc = _run_on(c, tmp_path, "stranded", 600, {"workers": 1, "cpus_per_worker": 3.0}, start_timeout_s=5)
     run = tmp_path / "runs" / "stranded"
-    _wait_for_lines(proc, run / "journal.jsonl", 60)
+    wait_for_journal(proc, run / "journal.jsonl", 60)
     _kill_node(c, node)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 2, err

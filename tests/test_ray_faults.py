@@ -15,7 +15,7 @@ import pytest
 
 from evomerge.cli import main
 from evomerge.store import load_state, read_journal
-from tests.conftest import write_spec
+from tests.conftest import wait_for_journal, write_spec
 
 pytest.importorskip("ray")
 BUDGET = 1200
@@ -64,10 +64,7 @@ def test_sigkill_of_the_driver_then_resume_equals_uninterrupted(tmp_path):
 
     killed = evomerge("run", str(ray_spec(tmp_path, "killed")), "--quiet")
     journal = tmp_path / "runs" / "killed" / "journal.jsonl"
-    deadline = time.monotonic() + 180
-    while not (journal.exists() and sum(1 for _ in open(journal)) >= 500):
-        assert killed.poll() is None and time.monotonic() < deadline
-        time.sleep(0.05)
+    wait_for_journal(killed, journal, 500)
     killed.send_signal(signal.SIGKILL)
     killed.wait()
     before, _ = read_journal(journal)

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from evomerge.store import read_journal
-from tests.conftest import write_spec
+from tests.conftest import wait_for_journal, write_spec
 
 pytest.importorskip("ray")
 psutil = pytest.importorskip("psutil")
@@ -98,11 +98,7 @@ def test_joined_by_address_survives_the_second_raylet_killed(tmp_path, two_nodes
         text=True,
     )
     journal = tmp_path / "runs" / "hand-made" / "journal.jsonl"
-    deadline = time.monotonic() + 180
-    while not (journal.exists() and sum(1 for _ in open(journal)) >= 100):
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
+    wait_for_journal(proc, journal, 100)
     raylets = [p for p in _processes_of(node_dir) if "raylet" in Path(p.info["cmdline"][0]).name]
     assert len(raylets) == 1
     raylets[0].send_signal(signal.SIGKILL)
