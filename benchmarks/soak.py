@@ -828,7 +828,9 @@ def main() -> int:
     parser.add_argument("--budget", type=int, default=100_000, help="evaluations per mode (default 100,000)")
     parser.add_argument("--quick", action="store_true", help="a smoke run: 10,000 evaluations per mode")
     parser.add_argument("--seed", type=int, default=0, help="seed of the chaos schedule (default 0)")
-    parser.add_argument("--mean-interval", type=float, help="mean seconds between faults (default: scaled to budget)")
+    parser.add_argument(
+        "--mean-interval", type=float, help="mean seconds between faults (default: budget / 25,000, at least 2)"
+    )
     parser.add_argument("--weights", default="5,2,3", help="relative odds of worker,raylet,driver kills (5,2,3)")
     parser.add_argument("--modes", default="deterministic,asynchronous", help="modes to run, comma-separated")
     parser.add_argument("--stall-s", type=float, default=180.0, help="no journal line for this long is a stall")
@@ -837,7 +839,7 @@ def main() -> int:
     parser.add_argument("--keep", action="store_true", help="keep the work folder (run directories, logs)")
     args = parser.parse_args()
     budget = 10_000 if args.quick else args.budget
-    mean = args.mean_interval or max(2.0, budget / 10_000)
+    mean = args.mean_interval or max(2.0, budget / 25_000)
     weights = tuple(float(x) for x in args.weights.split(","))
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if set(modes) - {"deterministic", "asynchronous"}:

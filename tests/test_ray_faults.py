@@ -4,6 +4,7 @@ too many GPUs, seed models missing on a worker's node."""
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -116,3 +117,34 @@ def test_seed_models_missing_on_a_worker_node(tmp_path):
             RayExecutor(spec.to_plain(), tmp_path / "not-here", ExecutorSpec(name="ray", address="auto", workers=1))
     finally:
         ray.shutdown()
+
+
+def test_asynchronous_ray_run_killed_then_resumed_in_process_exactly(tmp_path):
+    """Results applied in arrival order on real actors, the driver SIGKILLed, the run moved to this
+    process: nothing journaled is lost or applied twice, and the final archive is the journal's."""
+    from evomerge.runtime.driver import build_manager
+    from evomerge.spec import load_spec
+    from evomerge.store import RunDir
+    from tests.test_exact_resume import assert_same_state
+
+    path = ray_spec(tmp_path, "async", deterministic=False, in_flight_per_worker=3)
+    killed = evomerge("run", str(path), "--quiet")
+    run = tmp_path / "runs" / "async"
+    wait_for_journal(killed, run / "journal.jsonl", 500)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    before, _ = read_journal(run / "journal.jsonl")
+    assert [e["id"] for e in before] != sorted(e["id"] for e in before)  # applied as they arrived
+
+    resumed = evomerge("resume", str(run), "--quiet", "--in-process")
+    _, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    after, _ = read_journal(run / "journal.jsonl")
+    assert after[: len(before)] == before and sorted(e["id"] for e in after) == list(range(BUDGET))
+
+    replay = tmp_path / "replay" / "async"
+    shutil.copytree(run, replay)
+    (replay / "snapshot.safetensors").unlink()
+    manager = build_manager(RunDir(replay), load_spec(replay / "spec.yaml"), BUDGET, False, False)
+    manager.restore()  # the whole journal, told in its order, rebuilds the run's final archive
+    assert_same_state(manager.strategy.state_dict(), load_state(run / "snapshot.safetensors")["strategy"])

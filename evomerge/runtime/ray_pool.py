@@ -387,7 +387,7 @@ class RayExecutor:
             if slot.state == "checking":
                 self._worker_died(slot, err, node_died=classify(err) is Fault.NODE)
                 return
-            slot.start_failures += 1
+            slot.start_failures += classify(err) is not Fault.NODE  # a node lost under a starting worker is no strike
             ray.kill(slot.actor, no_restart=True)
             if slot.start_failures < MAX_START_ATTEMPTS:
                 self._launch(slot)
