@@ -104,13 +104,6 @@ def test_plan_with_an_unknown_block_names_the_model_blocks(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_plan_cannot_vary_model_wide_options_per_block(tmp_path):
-    base, *models = _models(tmp_path, 3)
-    plan = _plan(tmp_path, method={"name": "ties"}, base=base, models=models, blocks={"layer.0": {"scope": "model"}})
-    with pytest.raises(EvomergeError, match=r"blocks\.layer\.0: model-wide options \(scope: model\) cannot differ"):
-        plan.run(tmp_path / "out")
-
-
 def test_plan_override_is_validated_with_its_path(tmp_path):
     with pytest.raises(SpecError, match=r"blocks\.layer\.0\.density: got 2\.0, must be in \(0, 1\]"):
         _plan(tmp_path, method={"name": "ties"}, models=_models(tmp_path), blocks={"layer.0": {"density": 2.0}})

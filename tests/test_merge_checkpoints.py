@@ -15,7 +15,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from evomerge.cli import main
-from evomerge.merge.base import merge_state_dicts
+from evomerge.merge.engine import merge_state_dicts
 from evomerge.weights.checkpoint import Checkpoint
 
 

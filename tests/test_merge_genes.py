@@ -9,7 +9,7 @@ import torch
 from evomerge.cli import main
 from evomerge.errors import SpecError
 from evomerge.evaluate.classification import mlp_layout
-from evomerge.merge.base import merge_state_dicts
+from evomerge.merge.engine import merge_state_dicts
 from evomerge.schema import parse
 from evomerge.space.merge_genes import MergeGenesOptions, MergeGenesSpace
 from tests.conftest import assert_export_reapplies, tiny_spec, write_spec

@@ -7,9 +7,9 @@ from evomerge.merge.base import (
     TensorGroup,
     as_merger,
     layer_index_from_name,
-    merge_state_dicts,
     merge_tensor,
 )
+from evomerge.merge.engine import MergeEngine, merge_state_dicts
 from evomerge.merge.methods import fisher_merge, linear, model_stock, slerp_model_stats, slerp_tensors
 from evomerge.merge.slerp import slerp, slerp_coefficients, slerp_stats, split_point_slerp
 from evomerge.merge.task_vectors import Pipeline, dare_mask, global_magnitude_thresholds
@@ -17,6 +17,7 @@ from evomerge.merge.task_vectors import Pipeline, dare_mask, global_magnitude_th
 __all__ = [
     "MERGE_METHODS",
     "MergeContext",
+    "MergeEngine",
     "Merger",
     "Pipeline",
     "TensorGroup",

@@ -3,15 +3,15 @@
 A method is a per-tensor kernel `(name, base, tensors, context) -> Tensor` on float32 tensors. `Merger` wraps a
 kernel with everything that must behave the same for all methods (base and model count, weight count, shapes,
 non-finite values, dtype preserved), so a method writes only its arithmetic. Methods whose statistics span the
-whole model (TIES with `scope: model`, whole-model SLERP) declare a `prepare` pass: `merge_state_dicts` runs it
-over the state dicts first, and a streaming caller runs it over its own tensor iterator.
+whole model (TIES with `scope: model`, whole-model SLERP) declare a `prepare` pass, which the merge engine
+(`engine.py`) runs before the tensors are merged.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -92,7 +92,7 @@ def _shape(t: Tensor) -> tuple[int, ...]:
     return tuple(t.shape)
 
 
-def _label(index: int | None) -> str:
+def label_of(index: int | None) -> str:
     return "the base model" if index is None else f"models[{index}]"
 
 
@@ -146,9 +146,9 @@ class Merger:
         self.check_models(base is not None, len(tensors))
         shape = _shape(_reference(base, tensors))
         if base is not None:
-            check_tensor(name, base, _label(None))
+            check_tensor(name, base, label_of(None))
         for i, t in enumerate(tensors):
-            check_tensor(name, t, _label(i), shape)
+            check_tensor(name, t, label_of(i), shape)
         as32 = [t.detach().to(torch.float32) for t in tensors]
         return TensorGroup(name, None if base is None else base.detach().to(torch.float32), as32)
 
@@ -180,7 +180,7 @@ def _pass_through(name: str, base: Tensor | None, tensors: Sequence[Tensor]) -> 
     for i, t in enumerate(tensors):
         if _shape(t) != _shape(reference) or not torch.equal(t, reference):
             raise EvomergeError(
-                f"tensor {name!r} has dtype {reference.dtype} and differs in {_label(i)}; "
+                f"tensor {name!r} has dtype {reference.dtype} and differs in {label_of(i)}; "
                 "only floating-point tensors can be merged"
             )
     return reference.clone()
@@ -236,45 +236,3 @@ def check_same_layout(reference: Mapping[str, Tensor], ref_label: str, others: S
                 raise ShapeMismatchError(
                     f"tensor {name!r}: {label} has shape {_shape(tensor)}, {ref_label} has no such tensor"
                 )
-
-
-def merge_state_dicts(
-    method: Merger | Component | Mapping[str, Any] | str | Kernel,
-    base_sd: Mapping[str, Tensor] | None,
-    sds: Sequence[Mapping[str, Tensor]],
-    *,
-    fishers: Sequence[Mapping[str, Tensor]] | None = None,
-    layer_of: Callable[[str], int | None] | Mapping[str, int] = layer_index_from_name,
-    num_layers: int | None = None,
-) -> dict[str, Tensor]:
-    """Merge in-memory state dicts tensor by tensor, in the order of the base (or the first model).
-
-    Everything that can be checked without reading values (method options, base, counts, names, shapes) is
-    checked before the first tensor is merged. `layer_of` and `num_layers` feed depth schedules (LiNeS);
-    `num_layers` defaults to one more than the largest layer index found.
-    """
-    merger = as_merger(method)
-    merger.check_models(base_sd is not None, len(sds))
-    ref_label, reference = ("the base model", base_sd) if base_sd is not None else ("models[0]", sds[0])
-    check_same_layout(reference, ref_label, [(_label(i), sd) for i, sd in enumerate(sds)])
-    if fishers is not None:
-        if len(fishers) != len(sds):
-            raise EvomergeError(f"method {merger.method!r}: got {len(fishers)} Fisher dicts for {len(sds)} models")
-        check_same_layout(reference, ref_label, [(f"fishers[{i}]", f) for i, f in enumerate(fishers)])
-    lookup = layer_of.get if isinstance(layer_of, Mapping) else layer_of
-    layers = {name: lookup(name) for name in reference}
-    if num_layers is None:
-        found = [layer for layer in layers.values() if layer is not None]
-        num_layers = max(found) + 1 if found else None
-
-    def groups() -> Iterator[TensorGroup]:
-        for name in reference:
-            yield TensorGroup(name, None if base_sd is None else base_sd[name], [sd[name] for sd in sds])
-
-    stats = merger.prepare(groups())
-    out: dict[str, Tensor] = {}
-    for group in groups():
-        fisher = None if fishers is None else [f[group.name] for f in fishers]
-        context = MergeContext(layers[group.name], num_layers, fisher, stats)
-        out[group.name] = merger(group.name, group.base, group.tensors, context)
-    return out

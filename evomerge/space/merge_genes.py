@@ -15,7 +15,8 @@ import numpy as np
 import torch
 
 from evomerge.errors import SpecError
-from evomerge.merge.base import MERGE_METHODS, MergeContext, as_merger
+from evomerge.merge.base import MERGE_METHODS, TensorGroup
+from evomerge.merge.engine import MergeEngine
 from evomerge.registry import Component
 from evomerge.schema import require
 from evomerge.space import SPACES
@@ -149,16 +150,14 @@ class MergeGenesSpace:
         return plan
 
     def decode(self, genome: np.ndarray) -> dict[str, torch.Tensor]:
-        out = {}
         blocks = self.blockmap
-        mergers = [as_merger(self.merge_component(genome, b)) for b in range(len(blocks.blocks))]  # one per block
-        for name in self.layout.names:
-            merger = mergers[blocks.index(name)]
-            layer = blocks.depth.get(blocks.tensor_blocks[name])
-            context = MergeContext(layer=layer, num_layers=blocks.n_layers or None)
-            base = None if self.base is None else self.base[name]
-            out[name] = merger(name, base, [m[name] for m in self.models], context)
-        return out
+        per_block = {name: self.merge_component(genome, b) for b, name in enumerate(blocks.blocks)}
+        engine = MergeEngine(per_block[blocks.blocks[0]], list(self.layout.names), blocks, per_block)
+
+        def read(name: str) -> TensorGroup:
+            return TensorGroup(name, None if self.base is None else self.base[name], [m[name] for m in self.models])
+
+        return dict(engine.merged(read))
 
 
 @SPACES.register("merge", MergeGenesOptions, "merge operator and its knobs as genes in [0, 1]^d", tags={"box"})

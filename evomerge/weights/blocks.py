@@ -32,12 +32,17 @@ class BlockMap:
     @classmethod
     def by_layer(cls, names: list[str], regex: str | None = None) -> BlockMap:
         pattern = LAYER_PATTERN if regex is None else _compile(regex)
-        indices = {name: layer_index(name, pattern) for name in names}
-        layers = sorted({i for i in indices.values() if i is not None})
+        return cls.from_layers(names, {name: layer_index(name, pattern) for name in names})
+
+    @classmethod
+    def from_layers(cls, names: list[str], layers_of: dict[str, int | None], n_layers: int | None = None) -> BlockMap:
+        """Blocks from each tensor's layer index (None outside layers). The one layer-counting rule: a model
+        has max index + 1 layers (so a selection of layers keeps the model's depth), unless told otherwise."""
+        layers = sorted({i for i in layers_of.values() if i is not None})
         seen_layer = False
         tensor_blocks: dict[str, str] = {}
         for name in names:
-            index = indices[name]
+            index = layers_of[name]
             if index is None:
                 tensor_blocks[name] = "head" if seen_layer else "embed"
             else:
@@ -45,7 +50,8 @@ class BlockMap:
                 tensor_blocks[name] = f"layer.{index}"
         order = (["embed"] if "embed" in tensor_blocks.values() else []) + [f"layer.{i}" for i in layers]
         order += ["head"] if "head" in tensor_blocks.values() else []
-        return cls(tensor_blocks, tuple(order), {f"layer.{i}": i for i in layers}, len(layers))
+        depth = n_layers if n_layers is not None else (layers[-1] + 1 if layers else 0)
+        return cls(tensor_blocks, tuple(order), {f"layer.{i}": i for i in layers}, depth)
 
     @classmethod
     def per_tensor(cls, names: list[str]) -> BlockMap:
