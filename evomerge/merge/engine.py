@@ -71,8 +71,7 @@ class MergeEngine:
             merger.check_models(has_base, count)
 
     def context(self, name: str, stats: Any = None, fisher: Sequence[Tensor] | None = None) -> MergeContext:
-        layer = self.blocks.depth.get(self.blocks.tensor_blocks[name])
-        return MergeContext(layer, self.blocks.n_layers or None, fisher, stats)
+        return MergeContext(self.blocks.layers.get(name), self.blocks.n_layers or None, fisher, stats)
 
     def merged(
         self, read: Reader, fishers: Callable[[str], Sequence[Tensor]] | None = None

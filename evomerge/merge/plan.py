@@ -19,7 +19,7 @@ from evomerge.merge.base import MERGE_METHODS
 from evomerge.merge.streaming import merge_checkpoints
 from evomerge.registry import Component
 from evomerge.schema import parse, require
-from evomerge.weights.blocks import BlockMap
+from evomerge.weights.blocks import block_map, check_block_options
 from evomerge.weights.checkpoint import Checkpoint
 from evomerge.yaml_io import dump_plain_yaml, read_yaml_mapping
 
@@ -43,9 +43,12 @@ class _RawPlan:
     blocks: dict[str, dict[str, Any]] = field(default_factory=dict)
     block_by: Literal["layer", "tensor"] = "layer"
     regex: str | None = None
+    layer_granularity: int = 1
+    filters: list[str] = field(default_factory=list)
 
     def check(self, path: str) -> None:
         require(len(self.models) >= 1, "models", "needs at least one model path")
+        check_block_options(path, self.block_by, self.layer_granularity, self.filters)
 
 
 @dataclass
@@ -58,6 +61,8 @@ class MergePlan:
     block_methods: dict[str, Component] = field(default_factory=dict)
     block_by: str = "layer"
     regex: str | None = None
+    layer_granularity: int = 1
+    filters: list[str] = field(default_factory=list)
     source: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -74,6 +79,8 @@ class MergePlan:
             block_methods=block_methods,
             block_by=raw.block_by,
             regex=raw.regex,
+            layer_granularity=raw.layer_granularity,
+            filters=raw.filters,
             models=[Path(m) for m in raw.models],
             base=None if raw.base is None else Path(raw.base),
             allow_pickle=raw.allow_pickle,
@@ -86,7 +93,7 @@ class MergePlan:
         base = None if self.base is None else Checkpoint.open(self.base, self.allow_pickle)
         plan_text = dump_plain_yaml(self.source)
         names = (base or models[0]).names()
-        blocks = BlockMap.by_layer(names, self.regex) if self.block_by == "layer" else BlockMap.per_tensor(names)
+        blocks = block_map(names, self.block_by, self.regex, self.layer_granularity, self.filters)
         return merge_checkpoints(
             self.method,
             models,

@@ -21,7 +21,7 @@ from evomerge.registry import Component
 from evomerge.schema import require
 from evomerge.space import SPACES
 from evomerge.weights import Layout
-from evomerge.weights.blocks import BlockMap
+from evomerge.weights.blocks import block_map, check_block_options
 
 Per = Literal["global", "model", "block", "model_block"]
 PER_MODEL_KNOBS = ("weights", "density", "drop_rate")  # knobs that may hold one value per model
@@ -43,11 +43,14 @@ class MergeGenesOptions:
     base: int | None = 0
     blocks: Literal["layer", "tensor"] = "layer"
     regex: str | None = None
+    layer_granularity: int = 1  # consecutive layers per block
+    filters: list[str] = field(default_factory=list)  # split each layer block by tensor name, e.g. [self_attn, mlp]
     genes: dict[str, GeneSpec] = field(default_factory=lambda: {"scale": GeneSpec(0.0, 1.5)})
     fixed: dict[str, Any] = field(default_factory=dict)
 
     def check(self, path: str) -> None:
         require(len(self.methods) >= 1, f"{path}.methods", "needs at least one merge method")
+        check_block_options(path, self.blocks, self.layer_granularity, self.filters)
         fields_of = {}
         for i, name in enumerate(self.methods):
             entry = MERGE_METHODS.entry(name, f"{path}.methods[{i}]")
@@ -82,9 +85,7 @@ class MergeGenesSpace:
         self.base = None if base_index is None else layout.views(seeds[base_index])
         self.models = [layout.views(s) for i, s in enumerate(seeds) if i != base_index]
         names = list(layout.names)
-        self.blockmap = (
-            BlockMap.by_layer(names, options.regex) if options.blocks == "layer" else BlockMap.per_tensor(names)
-        )
+        self.blockmap = block_map(names, options.blocks, options.regex, options.layer_granularity, options.filters)
         n_blocks, n_models = len(self.blockmap.blocks), len(self.models)
         counts = {"global": 1, "model": n_models, "block": n_blocks, "model_block": n_models * n_blocks}
         self.choose_method = len(options.methods) > 1
@@ -145,8 +146,9 @@ class MergeGenesSpace:
         }
         if base_index is not None:
             plan["base"] = seed_paths[base_index]
-        if self.options.regex:
-            plan["regex"] = self.options.regex
+        for key in ("regex", "layer_granularity", "filters"):
+            if getattr(self.options, key) not in (None, 1, []):
+                plan[key] = getattr(self.options, key)
         return plan
 
     def decode(self, genome: np.ndarray) -> dict[str, torch.Tensor]:

@@ -20,7 +20,7 @@ from evomerge.merge import slerp_coefficients
 from evomerge.schema import require
 from evomerge.space import SPACES
 from evomerge.weights import Layout
-from evomerge.weights.blocks import BlockMap
+from evomerge.weights.blocks import block_map, check_block_options
 
 
 @dataclass
@@ -28,9 +28,11 @@ class RecipeOptions:
     blocks: Literal["layer", "tensor", "chunks"] = "tensor"
     chunks: int = 64
     regex: str | None = None
+    layer_granularity: int = 1  # consecutive layers per block (blocks: layer)
 
     def check(self, path: str) -> None:
         require(self.chunks >= 1, f"{path}.chunks", f"got {self.chunks}, must be >= 1")
+        check_block_options(path, self.blocks, self.layer_granularity, [])
 
 
 def named_blocks(layout: Layout, options: RecipeOptions) -> list[tuple[str, int, int]]:
@@ -39,9 +41,7 @@ def named_blocks(layout: Layout, options: RecipeOptions) -> list[tuple[str, int,
         edges = np.linspace(0, layout.size, min(options.chunks, layout.size) + 1).round().astype(int)
         return [(f"chunk.{k}", int(a), int(b)) for k, (a, b) in enumerate(zip(edges[:-1], edges[1:])) if b > a]
     names = list(layout.names)
-    owner = (
-        BlockMap.by_layer(names, options.regex).tensor_blocks if options.blocks == "layer" else {n: n for n in names}
-    )
+    owner = block_map(names, options.blocks, options.regex, options.layer_granularity).tensor_blocks
     out: list[tuple[str, int, int]] = []
     for name, (start, end) in zip(names, layout.offsets()):
         if out and out[-1][0] == owner[name]:

@@ -3,11 +3,13 @@
 By default a tensor's block is its layer, read from the common naming schemes (`layers.N`,
 `layer.N`, `h.N`, `blocks.N`, `block.N`); tensors outside any layer form the blocks `embed`
 (before the first layer) and `head` (after the last). A user regex with one group overrides this.
+Groups of layers and filters by tensor name (attention, MLP, norms) make coarser or finer blocks.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from evomerge.errors import EvomergeError
@@ -22,23 +24,53 @@ def layer_index(name: str, pattern: re.Pattern[str] = LAYER_PATTERN) -> int | No
 
 @dataclass(frozen=True)
 class BlockMap:
-    """Block of each tensor (in tensor order) and the blocks in depth order."""
+    """Block of each tensor (in tensor order), the blocks in depth order, and each tensor's layer."""
 
     tensor_blocks: dict[str, str]
     blocks: tuple[str, ...]
-    depth: dict[str, int]  # layer blocks -> layer index; used by depth schedules such as LiNeS
+    layers: dict[str, int]  # tensor -> its layer index (tensors inside layers only); for depth schedules (LiNeS)
     n_layers: int
 
     @classmethod
-    def by_layer(cls, names: list[str], regex: str | None = None) -> BlockMap:
+    def by_layer(
+        cls, names: list[str], regex: str | None = None, granularity: int = 1, filters: Sequence[str] = ()
+    ) -> BlockMap:
         pattern = LAYER_PATTERN if regex is None else _compile(regex)
-        return cls.from_layers(names, {name: layer_index(name, pattern) for name in names})
+        return cls.from_layers(names, {name: layer_index(name, pattern) for name in names}, None, granularity, filters)
 
     @classmethod
-    def from_layers(cls, names: list[str], layers_of: dict[str, int | None], n_layers: int | None = None) -> BlockMap:
-        """Blocks from each tensor's layer index (None outside layers). The one layer-counting rule: a model
-        has max index + 1 layers (so a selection of layers keeps the model's depth), unless told otherwise."""
-        layers = sorted({i for i in layers_of.values() if i is not None})
+    def from_layers(
+        cls,
+        names: list[str],
+        layers_of: dict[str, int | None],
+        n_layers: int | None = None,
+        granularity: int = 1,
+        filters: Sequence[str] = (),
+    ) -> BlockMap:
+        """Blocks from each tensor's layer index (None outside layers).
+
+        `granularity` consecutive layers form one block (`layers.0-3`; `layer.N` when 1), and `filters`
+        split each such block by tensor name (`layer.2.self_attn`, `layer.2.mlp`, `layer.2.other`: the
+        first filter a name contains), as mergekit-evolve's genome has it. The one layer-counting rule: a
+        model has largest index + 1 layers (a selection of layers keeps the model's depth), unless told.
+        """
+        if granularity < 1:
+            raise EvomergeError(f"layer_granularity must be >= 1, got {granularity}")
+        found = sorted({i for i in layers_of.values() if i is not None})
+        depth = n_layers if n_layers is not None else (found[-1] + 1 if found else 0)
+
+        def group(index: int) -> str:
+            if granularity == 1:
+                return f"layer.{index}"
+            start = index // granularity * granularity
+            return f"layers.{start}-{min(start + granularity, max(depth, found[-1] + 1)) - 1}"
+
+        def block_of(name: str, index: int) -> str:
+            if not filters:
+                return group(index)
+            part = next((f for f in filters if f in name), "other")
+            return f"{group(index)}.{part}"
+
         seen_layer = False
         tensor_blocks: dict[str, str] = {}
         for name in names:
@@ -47,11 +79,13 @@ class BlockMap:
                 tensor_blocks[name] = "head" if seen_layer else "embed"
             else:
                 seen_layer = True
-                tensor_blocks[name] = f"layer.{index}"
-        order = (["embed"] if "embed" in tensor_blocks.values() else []) + [f"layer.{i}" for i in layers]
-        order += ["head"] if "head" in tensor_blocks.values() else []
-        depth = n_layers if n_layers is not None else (layers[-1] + 1 if layers else 0)
-        return cls(tensor_blocks, tuple(order), {f"layer.{i}": i for i in layers}, depth)
+                tensor_blocks[name] = block_of(name, index)
+        parts = [*filters, "other"] if filters else [None]
+        inner = [g if part is None else f"{g}.{part}" for g in dict.fromkeys(group(i) for i in found) for part in parts]
+        used = set(tensor_blocks.values())
+        order = [b for b in ["embed", *inner, "head"] if b in used]
+        layers = {name: index for name, index in layers_of.items() if index is not None}
+        return cls(tensor_blocks, tuple(order), layers, depth)
 
     @classmethod
     def per_tensor(cls, names: list[str]) -> BlockMap:
@@ -69,3 +103,23 @@ def _compile(regex: str) -> re.Pattern[str]:
     if pattern.groups != 1:
         raise EvomergeError(f"blocks.regex {regex!r} must have exactly one group (the layer index)")
     return pattern
+
+
+def block_map(
+    names: list[str], by: str, regex: str | None = None, granularity: int = 1, filters: Sequence[str] = ()
+) -> BlockMap:
+    """The blocks a space or a merge plan asks for: by layer (grouped and filtered) or one per tensor."""
+    return BlockMap.by_layer(names, regex, granularity, filters) if by == "layer" else BlockMap.per_tensor(names)
+
+
+def check_block_options(path: str, by: str, granularity: int, filters: Sequence[str]) -> None:
+    """Granularity and filters are refused where blocks are not layers, and filters must be distinct names."""
+    from evomerge.schema import require
+
+    at = f"{path}." if path else ""
+    require(granularity >= 1, f"{at}layer_granularity", f"got {granularity}, must be >= 1")
+    if by != "layer":
+        require(granularity == 1, f"{at}layer_granularity", f"groups layers, so it needs blocks by layer, not {by!r}")
+        require(not filters, f"{at}filters", f"split layer blocks, so they need blocks by layer, not {by!r}")
+    require(len(set(filters)) == len(filters) and all(filters), f"{at}filters", f"got {filters}, need distinct names")
+    require("other" not in filters, f"{at}filters", "'other' is the block of the tensors no filter matches")
