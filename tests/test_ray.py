@@ -21,7 +21,7 @@ ray = pytest.importorskip("ray")
 
 @pytest.fixture(scope="module", autouse=True)
 def ray_cluster():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)  # never a cluster found here
     yield
     ray.shutdown()
 
@@ -294,3 +294,30 @@ def test_plugin_evaluator_shipped_to_workers_by_runtime_env(tmp_path):
     summary, _ = finished(tmp_path, "plugin")
     assert summary["evaluations"] == 20 and sum(w["evaluations"] for w in summary["workers"]) == 20
     assert sorted(m.name.split("-")[0] for m in marks.iterdir()) == ["shipped", "shipped"]  # both workers
+
+
+def test_health_check_answers_while_the_worker_evaluates(tmp_path):
+    """An unreachable worker is checked with `ready`, which runs beside a long evaluation, not after it."""
+    import numpy as np
+    import ray
+
+    from evomerge.evaluate import EVALUATORS
+    from evomerge.runtime.ray_pool import RayExecutor
+    from evomerge.search.base import Candidate
+    from evomerge.seeds import save_seeds
+    from evomerge.spec import ExecutorSpec, load_spec
+
+    spec = load_spec(spec_with(tmp_path, "health", sleep_on={0: 8.0}))
+    layout = EVALUATORS.build(spec.evaluator).layout()
+    seeds = [np.random.default_rng(k).standard_normal(layout.size).astype(np.float32) for k in range(2)]
+    save_seeds(tmp_path / "seeds", seeds, layout)
+    pool = RayExecutor(spec.to_plain(), tmp_path / "seeds", ExecutorSpec(name="ray", workers=1, cpus_per_worker=0.5))
+    try:
+        pool.submit(Candidate(0, seeds[0], {}))
+        time.sleep(1.0)  # the worker is now inside the 8 s evaluation
+        start = time.monotonic()
+        node, pid = ray.get(pool.health_check(pool.workers[0]), timeout=5)
+        assert time.monotonic() - start < 5 and pid == pool.workers[0].pid
+        assert [o.candidate.id for o in pool.collect()] == [0]
+    finally:
+        pool.close()

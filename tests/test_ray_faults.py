@@ -95,7 +95,7 @@ def test_unreachable_address_is_refused_quickly(tmp_path, capsys):
 def test_more_gpus_than_the_cluster_has(tmp_path, capsys):
     import ray
 
-    ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False)
     try:
         assert main(["run", str(ray_spec(tmp_path, "gpus", address="auto", gpus_per_worker=1.0)), "--quiet"]) == 2
         assert "asks for 2 GPUs, the Ray cluster has 0" in capsys.readouterr().err
@@ -110,7 +110,7 @@ def test_seed_models_missing_on_a_worker_node(tmp_path):
     from evomerge.runtime.ray_pool import RayExecutor
     from evomerge.spec import ExecutorSpec, load_spec
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)  # never a cluster found here
     try:
         spec = load_spec(ray_spec(tmp_path, "no-seeds"))
         with pytest.raises(EvomergeError, match="failed to start.*seed models folder .*missing"):

@@ -7,7 +7,8 @@ One fault policy covers every task the pool runs, candidate evaluations and test
 Ray's errors are sorted into four kinds (`classify`):
 
 - transient (an actor briefly unreachable, a lost result object): the task is retried on any
-  worker, without blame, up to `MAX_TRANSIENT` times;
+  worker, without blame, up to `MAX_TRANSIENT` times; an unreachable worker gets no tasks until
+  its health check (which runs beside its evaluations) answers or shows it dead;
 - worker death (the process crashed, was killed or ran out of memory): the worker is replaced, its
   other tasks are resubmitted, and the task it was running is blamed; a task that killed
   `MAX_KILLS` workers on nodes that are still alive is poisoned;
@@ -150,6 +151,7 @@ class WorkerSlot:
     starting_since: float = 0.0
     start_failures: int = 0
     waiting_noted: bool = False
+    suspect: Task | None = None  # the task that met the worker unreachable, blamed if the worker proves dead
     fifo: deque = field(default_factory=deque)  # refs of its tasks, in the order it runs them
     evaluations: int = 0
     failures: int = 0
@@ -200,7 +202,8 @@ def _probe(address: str, timeout: float = 5.0) -> bool:
     host, _, port_text = address.rpartition(":")
     if not host or not port_text.isdigit():
         raise EvomergeError(f"--ray {address!r}: expected HOST:PORT, 'local' or 'auto'")
-    hosts = [host] + ([_outward_address()] if host in ("127.0.0.1", "localhost") else [])
+    rewritten = host in ("127.0.0.1", "localhost") and sys.platform.startswith("linux")  # as Ray does on Linux
+    hosts = [host] + ([_outward_address()] if rewritten else [])
     needs_token = False
     for target in dict.fromkeys(hosts):
         via = f" (Ray connects to {host} as {target})" if target != host else ""
@@ -322,7 +325,11 @@ class RayExecutor:
             )
         placement: dict[str, Any] = {"accelerator_type": options.accelerator_type} if options.accelerator_type else {}
         self._actor_class = ray.remote(
-            num_cpus=options.cpus_per_worker, num_gpus=options.gpus_per_worker, max_restarts=0, **placement
+            num_cpus=options.cpus_per_worker,
+            num_gpus=options.gpus_per_worker,
+            max_restarts=0,
+            concurrency_groups={"health": 1},  # evaluations stay one at a time, in order, in the default group
+            **placement,
         )(EvaluatorWorker)
         self._args = (spec_plain, str(seeds_dir), threads, options.gpus_per_worker)
         self.running: dict[Any, Running] = {}
@@ -344,8 +351,14 @@ class RayExecutor:
     # workers ----------------------------------------------------------------------------------
     def _launch(self, slot: WorkerSlot) -> None:
         slot.actor = self._actor_class.remote(*self._args)
-        slot.ready_ref = slot.actor.ready.remote()
-        slot.state, slot.starting_since, slot.waiting_noted = "starting", time.monotonic(), False
+        slot.ready_ref = self.health_check(slot)
+        slot.state, slot.starting_since, slot.waiting_noted, slot.suspect = "starting", time.monotonic(), False, None
+        self._idle_since = None  # a new worker gets its whole start timeout before the pool gives up
+
+    @staticmethod
+    def health_check(slot: WorkerSlot) -> Any:
+        """`ready` runs in its own concurrency group: it answers while the worker evaluates, not after its queue."""
+        return slot.actor.ready.options(concurrency_group="health").remote()
 
     def _start_all(self) -> None:
         """Start every worker at once; go on as soon as all answer, or some do when the time is up.
@@ -364,8 +377,11 @@ class RayExecutor:
             for ref in done:
                 slot = next(s for s in self.workers if s.ready_ref is ref)
                 try:
-                    slot.node, slot.pid = ray.get(ref)
+                    slot.node, slot.pid = ray.get(ref, timeout=0)
                 except ray.exceptions.RayError as err:
+                    if classify(err) is Fault.NODE:  # its node went away under it: start it elsewhere
+                        self._launch(slot)
+                        continue
                     raise ExecutorFailure(f"evaluator worker {slot.index} failed to start: {cause_line(err)}") from err
                 slot.state, slot.ready_ref = "live", None
         if not any(s.state == "live" for s in self.workers):
@@ -375,14 +391,16 @@ class RayExecutor:
                 slot.waiting_noted = True
                 self.notify(f"evaluator worker {slot.index} is still waiting for room in the Ray cluster; going on")
 
-    def _started(self, slot: WorkerSlot) -> None:
+    def _started(self, slot: WorkerSlot, ref: Any) -> None:
         """A worker's health check came back: live, or a failed start (retried, then the slot retired), or,
         for a worker that was unreachable, dead after all."""
         import ray
 
-        ref, slot.ready_ref = slot.ready_ref, None
+        if ref is not slot.ready_ref:
+            return  # the check of an actor replaced since (its death was handled meanwhile)
+        slot.ready_ref = None
         try:
-            slot.node, slot.pid = ray.get(ref)
+            slot.node, slot.pid = ray.get(ref, timeout=0)
         except ray.exceptions.RayError as err:
             if slot.state == "checking":
                 self._worker_died(slot, err, node_died=classify(err) is Fault.NODE)
@@ -430,7 +448,7 @@ class RayExecutor:
                     f"evaluator worker {slot.index} has waited {now - slot.starting_since:.0f} s for room in the "
                     "Ray cluster; it joins when a node has room again"
                 )
-        if any(s.state == "live" for s in self.workers) or not (self.queue or self.running):
+        if any(s.state in ("live", "checking") for s in self.workers) or not (self.queue or self.running):
             self._idle_since = None
             return
         self._idle_since = self._idle_since or now
@@ -521,7 +539,7 @@ class RayExecutor:
             done = []
         for ref in done:
             if ref in starting:
-                self._started(starting[ref])
+                self._started(starting[ref], ref)
             elif ref in self.running:
                 self._finish(ref)
         self._enforce_deadlines()
@@ -572,12 +590,13 @@ class RayExecutor:
         else:
             self.ready.append(Outcome(task.candidate, None, message, seconds))
 
-    def _check(self, slot: WorkerSlot, err: BaseException) -> None:
-        """An unreachable worker gets no more tasks until a health check answers (or shows it dead)."""
+    def _check(self, slot: WorkerSlot, task: Task, err: BaseException) -> None:
+        """An unreachable worker gets no more tasks until a health check answers (or shows it dead); the task
+        that met the outage is its suspect, should the worker turn out dead."""
         if slot.state != "live":
             return
-        slot.state, slot.starting_since = "checking", time.monotonic()
-        slot.ready_ref = slot.actor.ready.remote()
+        slot.state, slot.starting_since, slot.suspect = "checking", time.monotonic(), task
+        slot.ready_ref = self.health_check(slot)
         self.notify(f"evaluator worker {slot.index} is unreachable ({cause_line(err, 120)}); checking it")
 
     def _fault(self, ref: Any, err: BaseException) -> None:
@@ -592,9 +611,8 @@ class RayExecutor:
             del self.running[ref]
             task = entry.task
             if isinstance(err, ray.exceptions.ActorUnavailableError):
-                self._check(entry.worker, err)  # the worker's fault, if any: it is checked, the task goes elsewhere
-            else:
-                task.transients += kind is Fault.TRANSIENT
+                self._check(entry.worker, task, err)  # the worker is checked; the task goes elsewhere
+            task.transients += kind is Fault.TRANSIENT
             if kind is Fault.TASK:
                 self._fail(task, cause_line(err))
             elif task.transients >= MAX_TRANSIENT:
@@ -626,6 +644,11 @@ class RayExecutor:
             if culprit is None:
                 culprit = self.running[ref].task  # the oldest unfinished task is the one it was running
         slot.failures += 1
+        suspect = slot.suspect
+        if suspect is not None:  # the call that met the outage (already resubmitted) was the one running
+            culprit = None
+            if not node_died:
+                suspect.kills.append(slot.node)
         held = [r.task for r in self._replace(slot, f"died ({cause_line(err)})")]
         innocents = [t for t in held if t is not culprit]
         if culprit is not None and not node_died:
