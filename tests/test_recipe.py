@@ -56,3 +56,32 @@ def test_recipe_crossover_equals_weight_crossover(blocks: str, split: int, w: fl
 def test_boundary_moves_split_to_block_start():
     space = RecipeSpace(LAYOUT, SEEDS, block_ranges(LAYOUT, RecipeOptions(blocks="tensor")))
     assert [space.boundary(s) for s in (0, 2047, 2048, 2079, 2080, 2409, 2410)] == [0, 0, 1, 1, 2, 3, 4]
+
+
+def test_recipe_and_weights_crossover_agree_on_ten_million_parameters():
+    """Both spaces take SLERP's angle in float64 (blockwise Gram matrices for recipes), so M2N2's crossover of
+    two seed models is the same child in either, at the scale where float32 angles drift."""
+    from evomerge.space.recipe import RecipeSpace
+    from evomerge.space.weights import WeightSpace
+    from evomerge.weights import Layout
+
+    layout = Layout(("a", "b", "c"), ((2_000, 2_000), (3_000, 1_000), (3_000_000,)))
+    assert layout.size == 10_000_000
+    rng = np.random.default_rng(0)
+    base = rng.standard_normal(layout.size, dtype=np.float32)
+    seeds = [base + 0.05 * rng.standard_normal(layout.size, dtype=np.float32) for _ in range(3)]
+    offsets = layout.offsets()
+    recipe = RecipeSpace(layout, seeds, offsets)
+    weights = WeightSpace(layout, seeds)
+    x, y = recipe.initial()[0], recipe.initial()[1]
+    split, w = offsets[1][0], 0.37  # on the boundary of tensor b
+    child = recipe.materialize(recipe.crossover(x, y, split, w))
+    expected = weights.crossover(seeds[0], seeds[1], split, w)
+    np.testing.assert_allclose(child, expected, rtol=0, atol=2e-6)
+    # and a SLERP merge's model-wide angle, summed tensor by tensor, is that same float64 angle
+    from evomerge.merge import slerp_model_stats, slerp_stats
+
+    a, b = layout.views(seeds[0]), layout.views(seeds[1])
+    np.testing.assert_allclose(
+        slerp_model_stats((a[n], b[n]) for n in layout.names), slerp_stats(*seeds[:2]), rtol=1e-12
+    )

@@ -27,7 +27,7 @@ from evomerge.merge.base import (
     field_path,
     weighted_sum,
 )
-from evomerge.merge.slerp import slerp_coefficients
+from evomerge.merge.slerp import dot_products64, slerp_coefficients
 from evomerge.registry import NoOptions
 from evomerge.schema import require
 
@@ -81,17 +81,12 @@ SlerpStats = tuple[float, float, float]
 
 
 def slerp_model_stats(pairs: Iterable[tuple[Tensor, Tensor]]) -> SlerpStats:
-    """(x·y, |x|, |y|) summed over tensor pairs; one pass, streaming-friendly.
-
-    Each tensor's dot products run in float32 through BLAS (no float64 copies of the tensors), and
-    the per-tensor results are accumulated in Python floats.
-    """
+    """(x·y, |x|, |y|) summed over tensor pairs; one pass, streaming-friendly, accumulated in float64 (the same
+    angle as M2N2's crossover of the same weights, whatever the model's size)."""
     dot = xx = yy = 0.0
     for x, y in pairs:
-        xf, yf = x.detach().reshape(-1).float(), y.detach().reshape(-1).float()
-        dot += float(torch.dot(xf, yf))
-        xx += float(torch.dot(xf, xf))
-        yy += float(torch.dot(yf, yf))
+        d, a, b = dot_products64(x, y)
+        dot, xx, yy = dot + d, xx + a, yy + b
     return dot, math.sqrt(xx), math.sqrt(yy)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import torch
 
 LINEAR_FALLBACK = 1e-6
 
@@ -29,14 +30,19 @@ def slerp_coefficients(t: float, dot: float, norm_x: float, norm_y: float) -> tu
 _CHUNK = 1 << 20  # elements cast to float64 at a time: the angle is exact to float64 without a full copy
 
 
-def slerp_stats(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
-    """(x · y, |x|, |y|) accumulated in float64, each chunk cast once."""
-    x, y = x.ravel(), y.ravel()
+def dot_products64(x: torch.Tensor, y: torch.Tensor) -> tuple[float, float, float]:
+    """(x·y, x·x, y·y) accumulated in float64, one chunk cast at a time (never a float64 copy of a tensor)."""
+    x, y = x.detach().reshape(-1), y.detach().reshape(-1)
     xy = xx = yy = 0.0
-    for start in range(0, x.shape[0], _CHUNK):
-        x64 = x[start : start + _CHUNK].astype(np.float64)
-        y64 = y[start : start + _CHUNK].astype(np.float64)
+    for start in range(0, x.numel(), _CHUNK):
+        x64, y64 = x[start : start + _CHUNK].double(), y[start : start + _CHUNK].double()
         xy, xx, yy = xy + float(x64 @ y64), xx + float(x64 @ x64), yy + float(y64 @ y64)
+    return xy, xx, yy
+
+
+def slerp_stats(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
+    """(x · y, |x|, |y|) accumulated in float64: the angle of M2N2's crossover, the slerp space and SLERP merges."""
+    xy, xx, yy = dot_products64(torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.ascontiguousarray(y)))
     return xy, math.sqrt(xx), math.sqrt(yy)
 
 

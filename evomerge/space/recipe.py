@@ -55,6 +55,21 @@ def block_ranges(layout: Layout, options: RecipeOptions) -> list[tuple[int, int]
     return [(a, b) for _, a, b in named_blocks(layout, options)]
 
 
+GRAM_CHUNK = 1 << 20  # elements of the seed stack cast to float64 at a time
+
+
+def block_gram(block: np.ndarray) -> np.ndarray:
+    """The seeds' Gram matrix on one block (K × n), accumulated in float64 a column chunk at a time: the
+    same angles as M2N2's float64 crossover of the full weights, without a float64 copy of the stack."""
+    stack = torch.from_numpy(np.ascontiguousarray(block))
+    width = max(1, GRAM_CHUNK // max(1, stack.shape[0]))
+    gram = torch.zeros(stack.shape[0], stack.shape[0], dtype=torch.float64)
+    for start in range(0, stack.shape[1], width):
+        chunk = stack[:, start : start + width].double()
+        gram += chunk @ chunk.T
+    return gram.numpy()
+
+
 class RecipeSpace:
     def __init__(
         self,
@@ -73,8 +88,7 @@ class RecipeSpace:
         self.n_splits = layout.size
         self.starts = np.array([a for a, _ in ranges])
         self.lengths = np.array([b - a for a, b in ranges])
-        seeds64 = self.seeds.astype(np.float64)
-        self.gram = np.stack([seeds64[:, a:b] @ seeds64[:, a:b].T for a, b in ranges])  # (B, K, K)
+        self.gram = np.stack([block_gram(self.seeds[:, a:b]) for a, b in ranges])  # (B, K, K)
 
     def coefficients(self, genome: np.ndarray) -> np.ndarray:
         return np.asarray(genome, dtype=np.float64).reshape(self.n_blocks, self.n_seeds)
