@@ -3,6 +3,8 @@ that names the field or file and what is allowed."""
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -143,3 +145,14 @@ def test_export_before_any_snapshot(tmp_path, capsys):
     run.held_lock.release()
     assert main(["export", str(run.path)]) == 2
     assert "has no snapshot yet; nothing to export" in capsys.readouterr().err
+
+
+def test_weights_space_refuses_a_model_too_large_before_building_seeds(tmp_path, capsys):
+    """64 -> 8,000 -> 8,000 -> 10: 64.6 M parameters (biases included), above the flat space's 50 M; recipe and merge are named."""
+    spec = tiny_spec(tmp_path, evaluator={"name": "classification", "dataset": "digits", "hidden": [8000, 8000]})
+    start = time.monotonic()
+    assert main(["run", str(write_spec(tmp_path / "big.yaml", spec)), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("evomerge: error: space: 'weights' keeps every individual as one flat float32 vector")
+    assert "64,608,010 parameters" in err and "'recipe'" in err and "'merge'" in err
+    assert time.monotonic() - start < 10 and not (tmp_path / "runs" / "tiny").exists()

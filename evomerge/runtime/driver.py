@@ -21,6 +21,7 @@ from evomerge.runtime.threads import limit_threads
 from evomerge.search import STRATEGIES, Strategy
 from evomerge.seeds import build_seeds, load_seeds, save_seeds
 from evomerge.space import SPACES, Space
+from evomerge.space.weights import check_size as check_weights_size
 from evomerge.spec import ExecutorSpec, SearchSpec
 from evomerge.store import NoSpaceError, RunDir, read_journal
 from evomerge.store.atomic import atomic_write_text, reporting_full_disk
@@ -40,6 +41,8 @@ def build_evaluator_and_space(
     if isinstance(evaluator, RunBound):
         evaluator.bind_run(run_dir if run_dir is not None else seeds_dir.parent)
     layout = evaluator.layout()
+    if spec.space.name == "weights":
+        check_weights_size(layout)  # before seed models of that size are built
     if fresh_seeds:
         seeds = build_seeds(spec.models, evaluator, spec.evaluator.to_plain(), spec.seed)
         save_seeds(seeds_dir, seeds, layout)

@@ -5,9 +5,28 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from evomerge.errors import SpecError
 from evomerge.merge import split_point_slerp
 from evomerge.space import SPACES
 from evomerge.weights import Layout
+
+# Every individual is a whole float32 copy of the model: an M2N2 archive of 20 plus its working copies holds
+# about 23. At this limit that is 200 MB per individual and about 4.6 GB in all; larger models are merged as
+# recipes or merge genes, whose individuals are kilobytes.
+MAX_PARAMETERS = 50_000_000
+
+
+def check_size(layout: Layout) -> None:
+    """Refuse, before any seed model is built, a model too large to keep as flat vectors."""
+    if layout.size > MAX_PARAMETERS:
+        gb = layout.size * 4 / 1e9
+        raise SpecError(
+            "space",
+            f"'weights' keeps every individual as one flat float32 vector; this model has {layout.size:,} "
+            f"parameters ({gb:.1f} GB per individual, about {23 * gb:.0f} GB for an M2N2 archive of 20), above "
+            f"the limit of {MAX_PARAMETERS:,}: use space 'recipe' (per-block coefficients over the seed models) "
+            "or 'merge' (merge operators and their knobs as genes)",
+        )
 
 
 class WeightSpace:
@@ -37,4 +56,5 @@ class WeightSpace:
 
 @SPACES.register("weights", summary="every parameter of the model as one flat vector", tags={"variation"})
 def build_weight_space(options: object, layout: Layout, seeds: list[np.ndarray]) -> WeightSpace:
+    check_size(layout)
     return WeightSpace(layout, seeds)
