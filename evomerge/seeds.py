@@ -6,12 +6,14 @@ import hashlib
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from evomerge.errors import EvomergeError
+from evomerge.errors import EvomergeError, RunDirError
 from evomerge.evaluate.base import Evaluator
 from evomerge.spec import ModelsSpec
+from evomerge.store.atomic import atomic_write_text
 from evomerge.weights import Layout, load_flat, save_flat
 
 
@@ -81,14 +83,66 @@ def build_seeds(models: ModelsSpec, evaluator: Evaluator, evaluator_key: dict, s
     return [load_flat(p, layout) for p in models.paths]
 
 
-def save_seeds(directory: Path, genomes: list[np.ndarray], layout: Layout) -> None:
+MANIFEST = "seeds.json"
+
+
+def content_hash(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def seed_sources(models: ModelsSpec) -> list[Path] | None:
+    """The files a run's seed models come from, when the user gave them (`models.init: files`)."""
+    return [Path(p).resolve() for p in models.paths] if models.init == "files" else None
+
+
+def save_seeds(directory: Path, genomes: list[np.ndarray], layout: Layout, sources: list[Path] | None = None) -> None:
+    """Seeds evomerge made (random inits, trained specialists, an evaluator's models) are written here; seeds
+    given as files are recorded by path, size and content hash, not copied (they may be many gigabytes)."""
     directory.mkdir(parents=True, exist_ok=True)
+    entries: list[dict[str, Any]] = []
     for k, genome in enumerate(genomes):
-        save_flat(directory / f"seed_{k}.safetensors", genome, layout)
+        if sources is None:
+            save_flat(directory / f"seed_{k}.safetensors", genome, layout)
+            entries.append({"file": f"seed_{k}.safetensors"})
+        else:
+            source = sources[k]
+            entries.append({"source": str(source), "size": source.stat().st_size, "sha256": content_hash(source)})
+    atomic_write_text(directory / MANIFEST, json.dumps({"seeds": entries}, indent=2) + "\n")
 
 
-def load_seeds(directory: Path, layout: Layout) -> list[np.ndarray]:
+def _entries(directory: Path) -> list[dict[str, Any]]:
+    manifest = directory / MANIFEST
+    if manifest.is_file():
+        return json.loads(manifest.read_text())["seeds"]
     if not directory.is_dir() or not any(directory.glob("seed_*.safetensors")):
         raise EvomergeError(f"seed models folder {directory} is missing or empty")
     paths = sorted(directory.glob("seed_*.safetensors"), key=lambda p: int(p.stem.split("_")[1]))
-    return [load_flat(p, layout) for p in paths]
+    return [{"file": p.name} for p in paths]  # a run from before seeds were recorded
+
+
+def seed_paths(directory: Path) -> list[Path]:
+    """Where each seed model's weights are: in the run's `seeds/` folder, or the user's file it records."""
+    return [Path(e["source"]) if "source" in e else directory / e["file"] for e in _entries(directory)]
+
+
+def load_seeds(directory: Path, layout: Layout, verify: bool = False) -> list[np.ndarray]:
+    """The seed models; a recorded file that is gone or changed is refused (by size, and with `verify` by its
+    content hash too, as the driver checks on resume; workers check sizes only)."""
+    seeds = []
+    for k, (entry, path) in enumerate(zip(_entries(directory), seed_paths(directory))):
+        if "source" in entry:
+            if not path.is_file():
+                raise RunDirError(f"seed model {k}: {path}, which the run started from, no longer exists")
+            size = path.stat().st_size
+            if size != entry["size"] or (verify and content_hash(path) != entry["sha256"]):
+                what = f"{entry['size']:,} bytes then, {size:,} now" if size != entry["size"] else "its content hash"
+                raise RunDirError(
+                    f"seed model {k}: {path} changed since the run started ({what}); the run cannot be continued "
+                    "with another model: restore the file, or start a new run"
+                )
+        seeds.append(load_flat(path, layout))
+    return seeds

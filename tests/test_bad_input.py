@@ -701,3 +701,25 @@ def test_run_into_a_locked_directory_writes_nothing(tmp_path, capsys):
         err = cli_error(capsys, ["run", str(write_spec(tmp_path / "s.yaml", spec)), "--quiet"])
     assert "in use" in err
     assert sorted(p.name for p in target.iterdir()) == [".lock"]
+
+
+def test_seed_files_are_recorded_not_copied_and_a_changed_one_is_refused_on_resume(tmp_path, capsys):
+    """Models given as files stay where they are (path, size, sha256 in seeds/seeds.json); resuming after
+    one changed on disk, even at the same size, is refused naming the file, and after one vanished too."""
+    a, b = write_model(tmp_path / "a.safetensors", seed=1), write_model(tmp_path / "b.safetensors", seed=2)
+    spec = write_spec(tmp_path / "files.yaml", files_spec(tmp_path, [a, b]))
+    assert main(["run", str(spec), "--quiet"]) == 0
+    run = tmp_path / "out" / "from-files"
+    assert sorted(p.name for p in (run / "seeds").iterdir()) == ["seeds.json"]
+    recorded = json.loads((run / "seeds" / "seeds.json").read_text())["seeds"]
+    assert [e["source"] for e in recorded] == [str(a.resolve()), str(b.resolve())]
+    assert main(["export", str(run)]) == 0
+    assert json.loads((run / "export" / "best" / "recipe.json").read_text())["seeds"] == [str(a), str(b)]
+
+    write_model(b, seed=3)  # same tensors and shapes, other values: same size, other content
+    err = cli_error(capsys, ["resume", str(run), "--budget", "60", "--quiet"])
+    assert f"seed model 1: {b.resolve()} changed since the run started (its content hash)" in err
+    b.unlink()
+    err = cli_error(capsys, ["resume", str(run), "--budget", "60", "--quiet"])
+    assert f"seed model 1: {b.resolve()}, which the run started from, no longer exists" in err
+    assert len(read_journal(run / "journal.jsonl")[0]) == 40  # nothing was run or lost

@@ -19,7 +19,7 @@ from evomerge.runtime.executor import InProcessExecutor
 from evomerge.runtime.manager import SearchManager
 from evomerge.runtime.threads import limit_threads
 from evomerge.search import STRATEGIES, Strategy
-from evomerge.seeds import build_seeds, load_seeds, save_seeds
+from evomerge.seeds import build_seeds, load_seeds, save_seeds, seed_sources
 from evomerge.space import SPACES, Space
 from evomerge.space.weights import check_size as check_weights_size
 from evomerge.spec import ExecutorSpec, SearchSpec
@@ -29,7 +29,11 @@ from evomerge.weights.io import save_tensors
 
 
 def build_evaluator_and_space(
-    spec: SearchSpec, seeds_dir: Path, fresh_seeds: bool = False, run_dir: Path | None = None
+    spec: SearchSpec,
+    seeds_dir: Path,
+    fresh_seeds: bool = False,
+    run_dir: Path | None = None,
+    verify_seeds: bool = False,
 ) -> tuple[Evaluator, Space]:
     """The evaluator, bound to its run, and the space over the seed models in `seeds_dir` (built and saved there
     first if fresh).
@@ -45,15 +49,15 @@ def build_evaluator_and_space(
         check_weights_size(layout)  # before seed models of that size are built
     if fresh_seeds:
         seeds = build_seeds(spec.models, evaluator, spec.evaluator.to_plain(), spec.seed)
-        save_seeds(seeds_dir, seeds, layout)
+        save_seeds(seeds_dir, seeds, layout, seed_sources(spec.models))
     else:
-        seeds = load_seeds(seeds_dir, layout)
+        seeds = load_seeds(seeds_dir, layout, verify=verify_seeds)
     return evaluator, SPACES.build(spec.space, layout=layout, seeds=seeds)
 
 
 def build_parts(run: RunDir, spec: SearchSpec, fresh_seeds: bool) -> tuple[Evaluator, Space, Strategy]:
     """The evaluator, the space over the run's seed models, and a fresh strategy."""
-    evaluator, space = build_evaluator_and_space(spec, run.seeds_dir, fresh_seeds, run.path)
+    evaluator, space = build_evaluator_and_space(spec, run.seeds_dir, fresh_seeds, run.path, verify_seeds=True)
     strategy = STRATEGIES.build(spec.strategy, space=space, seed=spec.seed)
     metric_names = getattr(evaluator, "metric_names", None)
     if isinstance(getattr(strategy, "objectives", None), Objectives) and metric_names is not None:

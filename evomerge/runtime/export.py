@@ -10,6 +10,7 @@ import numpy as np
 
 from evomerge.errors import EvomergeError
 from evomerge.runtime.driver import build_parts
+from evomerge.seeds import seed_paths
 from evomerge.store import NoSpaceError, RunDir, iter_journal, load_state
 from evomerge.store.atomic import FULL_DISK
 from evomerge.weights.checkpoint import write_checkpoint
@@ -75,7 +76,7 @@ def _write_export(
         "individual": individual,
         **(extra_recipe or {}),
         "space": spec.space.to_plain(),
-        "seeds": [str(p.resolve()) for p in sorted(run.seeds_dir.glob("seed_*.safetensors"))],
+        "seeds": [str(p.resolve()) for p in seed_paths(run.seeds_dir)],
         "objectives": None if entry is None else entry.get("objectives"),
         "lineage": None if entry is None else entry.get("meta"),
     }

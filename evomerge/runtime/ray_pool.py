@@ -41,6 +41,7 @@ from evomerge.errors import EvomergeError
 from evomerge.evaluate.base import EvalResult
 from evomerge.runtime.executor import ExecutorFailure, Outcome
 from evomerge.search.base import Candidate
+from evomerge.seeds import seed_paths
 from evomerge.spec import ExecutorSpec
 
 MAX_KILLS = 2  # a task that kills this many workers (on nodes still alive) is poisoned
@@ -283,7 +284,11 @@ def connect(address: str, dashboard: bool = False, runtime_env: dict[str, Any] |
 
 
 def seeds_bytes(seeds_dir: Path) -> int:
-    return sum(p.stat().st_size for p in Path(seeds_dir).rglob("*") if p.is_file())
+    """The seed models' size on disk, 0 where the driver cannot see them (a worker then says what is missing)."""
+    try:
+        return sum(p.stat().st_size for p in seed_paths(Path(seeds_dir)) if p.is_file())
+    except EvomergeError:
+        return 0
 
 
 def start_timeout(options: ExecutorSpec, seeds_dir: Path) -> float:
