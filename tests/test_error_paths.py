@@ -148,7 +148,7 @@ def test_export_before_any_snapshot(tmp_path, capsys):
 
 
 def test_weights_space_refuses_a_model_too_large_before_building_seeds(tmp_path, capsys):
-    """64 -> 8,000 -> 8,000 -> 10: 64.6 M parameters (biases included), above the flat space's 50 M; recipe and merge are named."""
+    """64 -> 8,000 -> 8,000 -> 10 is 64.6 M parameters, above the flat space's 50 M: recipe and merge are named."""
     spec = tiny_spec(tmp_path, evaluator={"name": "classification", "dataset": "digits", "hidden": [8000, 8000]})
     start = time.monotonic()
     assert main(["run", str(write_spec(tmp_path / "big.yaml", spec)), "--quiet"]) == 2

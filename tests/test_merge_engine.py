@@ -158,3 +158,39 @@ def per_layer_lines(sds, layer: int, num_layers: int) -> torch.Tensor:
     merger = as_merger({"name": "lines", **OPTIONS["lines"]})
     name = "layers.5.w"
     return merger(name, sds[0][name], [sd[name] for sd in sds[1:]], MergeContext(layer, num_layers))
+
+
+def tied_models(count: int, untie: int | None = None) -> list[dict[str, torch.Tensor]]:
+    """Llama-like state dicts whose lm_head is the input embedding (saved under both names), but in `untie`."""
+    out = []
+    for k in range(count):
+        g = torch.Generator().manual_seed(k)
+        embed = torch.randn(10, 4, generator=g)
+        head = torch.randn(10, 4, generator=g) if k == untie else embed.clone()
+        layer = torch.randn(4, 4, generator=g)
+        out.append({"model.embed_tokens.weight": embed, "model.layers.0.mlp.weight": layer, "lm_head.weight": head})
+    return out
+
+
+def test_tied_embeddings_are_merged_once_and_stay_tied(tmp_path):
+    """DARE draws its masks per tensor name: merged separately, a tied head would come out untied."""
+    dare = {"name": "dare", "drop_rate": 0.5, "seed": 1}
+    base, *models = tied_models(3)
+    out = merge_state_dicts(dare, base, models)
+    assert torch.equal(out["lm_head.weight"], out["model.embed_tokens.weight"])
+    base, *models = tied_models(3, untie=2)  # one model has its own head: nothing is tied
+    out = merge_state_dicts(dare, base, models)
+    assert not torch.equal(out["lm_head.weight"], out["model.embed_tokens.weight"])
+    # the same through `evomerge merge` on checkpoints
+    paths = []
+    for k, sd in enumerate(tied_models(3)):
+        (tmp_path / f"m{k}").mkdir()
+        save_file(sd, str(tmp_path / f"m{k}" / "model.safetensors"))
+        paths.append(str(tmp_path / f"m{k}"))
+    (tmp_path / "plan.yaml").write_text(yaml.safe_dump({"method": dare, "base": paths[0], "models": paths[1:]}))
+    MergePlan.load(tmp_path / "plan.yaml").run(tmp_path / "out")
+    merged = load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert torch.equal(merged["lm_head.weight"], merged["model.embed_tokens.weight"])
+    assert torch.equal(
+        merged["lm_head.weight"], merge_state_dicts(dare, *tied_models(1), tied_models(3)[1:])["lm_head.weight"]
+    )

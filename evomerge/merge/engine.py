@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from evomerge.errors import EvomergeError
@@ -32,6 +33,28 @@ from evomerge.weights.blocks import BlockMap
 Reader = Callable[[str], TensorGroup]  # a tensor name -> the base's tensor (or None) and the models'
 
 
+HEAD_SUFFIXES = ("lm_head.weight", "embed_out.weight")  # output projections that models tie to their embeddings
+EMBED_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight")
+
+
+def find_tied(names: Sequence[str], read: Reader) -> dict[str, str]:
+    """Output heads equal to the input embedding in every model (tied embeddings, saved under both names):
+    head name -> embedding name. They are merged once, so the result stays tied (DARE's masks, for one,
+    depend on the tensor's name)."""
+    embeds = [n for n in names if n.endswith(EMBED_SUFFIXES)]
+    tied: dict[str, str] = {}
+    for head in (n for n in names if n.endswith(HEAD_SUFFIXES)):
+        h = read(head)
+        for embed in embeds:
+            e = read(embed)
+            pairs = [(h.base, e.base)] if h.base is not None and e.base is not None else []
+            pairs += list(zip(h.tensors, e.tensors))
+            if all(a.shape == b.shape and torch.equal(a, b) for a, b in pairs):
+                tied[head] = embed
+                break
+    return tied
+
+
 def _options_key(merger: Merger) -> tuple[str, str]:
     """Two mergers with the same method and options compute the same model-wide statistics."""
     return merger.method, repr(merger.options)
@@ -44,10 +67,13 @@ class MergeEngine:
         names: Sequence[str],
         blocks: BlockMap | None = None,
         block_methods: Mapping[str, Any] | None = None,
+        tied: Mapping[str, str] | None = None,
     ):
         """`method` is any form `as_merger` takes; `block_methods` replace it on the named blocks of `blocks`
-        (default: blocks by layer)."""
+        (default: blocks by layer); `tied` maps a tensor to the one it is tied to (see `find_tied`), whose merge
+        it takes, under that tensor's block."""
         self.names = list(names)
+        self.tied = dict(tied or {})
         self.blocks = blocks or BlockMap.by_layer(self.names)
         self.default = as_merger(method)
         self.per_block: dict[str, Merger] = {}
@@ -78,16 +104,34 @@ class MergeEngine:
     ) -> Iterator[tuple[str, Tensor]]:
         """(name, merged tensor) in tensor order; `read` is called twice per tensor when a method needs a
         model-wide pass (streaming callers re-read from disk rather than keep the model in memory)."""
+        own = [name for name in self.names if name not in self.tied]  # a tied tensor counts once
         stats: dict[tuple[str, str], Any] = {}
         for merger in self.used_mergers():
             key = _options_key(merger)
             if merger.needs_prepare and key not in stats:
-                stats[key] = merger.prepare(read(name) for name in self.names)
-        for name in self.names:
+                stats[key] = merger.prepare(read(name) for name in own)
+
+        def merge(name: str) -> Tensor:
             group = read(name)
             merger = self.merger_of(name)
             context = self.context(name, stats.get(_options_key(merger)), None if fishers is None else fishers(name))
-            yield name, merger(name, group.base, group.tensors, context)
+            return merger(name, group.base, group.tensors, context)
+
+        shared: dict[str, Tensor] = {}  # merged tensors another one is tied to
+        sources = set(self.tied.values())
+        for name in self.names:
+            source = self.tied.get(name)
+            if source is not None:
+                if source not in shared:
+                    shared[source] = merge(source)
+                yield name, shared[source].clone()
+            elif name in shared:
+                yield name, shared.pop(name)
+            else:
+                out = merge(name)
+                if name in sources:
+                    shared[name] = out
+                yield name, out
 
 
 def merge_state_dicts(
@@ -120,5 +164,6 @@ def merge_state_dicts(
     def read(name: str) -> TensorGroup:
         return TensorGroup(name, None if base_sd is None else base_sd[name], [sd[name] for sd in sds])
 
+    engine.tied = find_tied(names, read)
     per_model_fisher = None if fishers is None else (lambda name: [f[name] for f in fishers])
     return dict(engine.merged(read, per_model_fisher))

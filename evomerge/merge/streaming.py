@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from evomerge.merge.base import Component, TensorGroup
-from evomerge.merge.engine import MergeEngine
+from evomerge.merge.engine import MergeEngine, find_tied
 from evomerge.weights.blocks import BlockMap
 from evomerge.weights.checkpoint import Checkpoint, check_compatible, write_checkpoint
 
@@ -39,6 +39,8 @@ def merge_checkpoints(
 
     def read(name: str) -> TensorGroup:
         return TensorGroup(name, None if base is None else base.read(name), [m.read(name) for m in models])
+
+    engine.tied = find_tied(names, read)
 
     entries = [(n, reference.shape(n), reference.dtype(n)) for n in names]
     copy = reference.config_files() or next((m.config_files() for m in models if m.config_files()), [])

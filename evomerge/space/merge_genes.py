@@ -16,7 +16,7 @@ import torch
 
 from evomerge.errors import SpecError
 from evomerge.merge.base import MERGE_METHODS, TensorGroup
-from evomerge.merge.engine import MergeEngine
+from evomerge.merge.engine import MergeEngine, find_tied
 from evomerge.registry import Component
 from evomerge.schema import require
 from evomerge.space import SPACES
@@ -96,6 +96,7 @@ class MergeGenesSpace:
             offset += counts[gene.per]
         self.dim = offset
         self.low, self.high = np.zeros(self.dim), np.ones(self.dim)
+        self.tied = find_tied(names, self.read)
 
     def initial(self) -> list[np.ndarray]:
         return [np.full(self.dim, 0.5, dtype=np.float32)]
@@ -154,12 +155,11 @@ class MergeGenesSpace:
     def decode(self, genome: np.ndarray) -> dict[str, torch.Tensor]:
         blocks = self.blockmap
         per_block = {name: self.merge_component(genome, b) for b, name in enumerate(blocks.blocks)}
-        engine = MergeEngine(per_block[blocks.blocks[0]], list(self.layout.names), blocks, per_block)
+        engine = MergeEngine(per_block[blocks.blocks[0]], list(self.layout.names), blocks, per_block, self.tied)
+        return dict(engine.merged(self.read))
 
-        def read(name: str) -> TensorGroup:
-            return TensorGroup(name, None if self.base is None else self.base[name], [m[name] for m in self.models])
-
-        return dict(engine.merged(read))
+    def read(self, name: str) -> TensorGroup:
+        return TensorGroup(name, None if self.base is None else self.base[name], [m[name] for m in self.models])
 
 
 @SPACES.register("merge", MergeGenesOptions, "merge operator and its knobs as genes in [0, 1]^d", tags={"box"})
