@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from evomerge.errors import EvomergeError, RunDirError
 from evomerge.evaluate.base import Evaluator
@@ -110,7 +111,14 @@ def save_seeds(directory: Path, genomes: list[np.ndarray], layout: Layout, sourc
             entries.append({"file": f"seed_{k}.safetensors"})
         else:
             source = sources[k]
-            entries.append({"source": str(source), "size": source.stat().st_size, "sha256": content_hash(source)})
+            entries.append(
+                {
+                    "source": str(source),
+                    "size": source.stat().st_size,
+                    "sha256": content_hash(source),
+                    "dtypes": file_dtypes(source),
+                }
+            )
     atomic_write_text(directory / MANIFEST, json.dumps({"seeds": entries}, indent=2) + "\n")
 
 
@@ -122,6 +130,24 @@ def _entries(directory: Path) -> list[dict[str, Any]]:
         raise EvomergeError(f"seed models folder {directory} is missing or empty")
     paths = sorted(directory.glob("seed_*.safetensors"), key=lambda p: int(p.stem.split("_")[1]))
     return [{"file": p.name} for p in paths]  # a run from before seeds were recorded
+
+
+def file_dtypes(path: Path) -> dict[str, str]:
+    """Each tensor's dtype in a safetensors file, from its header (no tensor is read)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return {name: str(f.get_slice(name).get_dtype()) for name in f.keys()}
+
+
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def in_seed_dtypes(tensors: dict[str, torch.Tensor], directory: Path) -> dict[str, torch.Tensor]:
+    """A model written the way its seed files are (bf16 seeds give a bf16 `best.safetensors` and exports, not a
+    float32 copy twice their size); the first seed file's dtypes decide, and models evomerge made stay float32."""
+    recorded = next((e["dtypes"] for e in _entries(directory) if "dtypes" in e), {})
+    return {n: t.to(_SAFETENSORS_DTYPES.get(recorded.get(n, ""), t.dtype)) for n, t in tensors.items()}
 
 
 def seed_paths(directory: Path) -> list[Path]:

@@ -723,3 +723,21 @@ def test_seed_files_are_recorded_not_copied_and_a_changed_one_is_refused_on_resu
     err = cli_error(capsys, ["resume", str(run), "--budget", "60", "--quiet"])
     assert f"seed model 1: {b.resolve()}, which the run started from, no longer exists" in err
     assert len(read_journal(run / "journal.jsonl")[0]) == 40  # nothing was run or lost
+
+
+def test_best_model_and_exports_are_written_in_the_seed_files_dtype(tmp_path):
+    """bf16 seed files give a bf16 best.safetensors and export (half the size of float32 copies)."""
+    from safetensors.torch import load_file
+
+    paths = []
+    for k in (1, 2):
+        path = write_model(tmp_path / f"m{k}.safetensors", seed=k)
+        save_file({n: t.to(torch.bfloat16) for n, t in load_file(str(path)).items()}, str(path))
+        paths.append(path)
+    assert main(["run", str(write_spec(tmp_path / "bf16.yaml", files_spec(tmp_path, paths))), "--quiet"]) == 0
+    run = tmp_path / "out" / "from-files"
+    assert {t.dtype for t in load_file(str(run / "best.safetensors")).values()} == {torch.bfloat16}
+    assert main(["export", str(run)]) == 0
+    exported = load_file(str(run / "export" / "best" / "model.safetensors"))
+    assert {t.dtype for t in exported.values()} == {torch.bfloat16}
+    assert sorted(exported) == sorted(WINE_SHAPES)

@@ -19,7 +19,7 @@ from evomerge.runtime.executor import InProcessExecutor
 from evomerge.runtime.manager import SearchManager
 from evomerge.runtime.threads import limit_threads
 from evomerge.search import STRATEGIES, Strategy
-from evomerge.seeds import build_seeds, load_seeds, save_seeds, seed_sources
+from evomerge.seeds import build_seeds, in_seed_dtypes, load_seeds, save_seeds, seed_sources
 from evomerge.space import SPACES, Space
 from evomerge.space.weights import check_size as check_weights_size
 from evomerge.spec import ExecutorSpec, SearchSpec
@@ -187,7 +187,8 @@ def finish(run: RunDir, manager: SearchManager, status: str) -> dict[str, Any]:
     write_curve(run.curve_path, manager.state.curve)
     genome = manager.best_genome()
     if genome is not None:
-        save_tensors(run.best_path, manager.space.decode(genome), {"best_train": str(summary["best_train"])})
+        best = in_seed_dtypes(manager.space.decode(genome), run.seeds_dir)
+        save_tensors(run.best_path, best, {"best_train": str(summary["best_train"])})
     from evomerge.report import plot_run
 
     summary["plots"] = plot_run(run)

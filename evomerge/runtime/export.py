@@ -10,7 +10,7 @@ import numpy as np
 
 from evomerge.errors import EvomergeError
 from evomerge.runtime.driver import build_parts
-from evomerge.seeds import seed_paths
+from evomerge.seeds import in_seed_dtypes, seed_paths
 from evomerge.store import NoSpaceError, RunDir, iter_journal, load_state
 from evomerge.store.atomic import FULL_DISK
 from evomerge.weights.checkpoint import write_checkpoint
@@ -88,7 +88,7 @@ def _write_export(
     plan = space.to_plan(genome, recipe["seeds"]) if hasattr(space, "to_plan") else None
     if plan is not None:  # re-apply with `evomerge merge merge_plan.yaml` (e.g. to full-precision models)
         extra["merge_plan.yaml"] = dump_plain_yaml(plan)
-    tensors = space.decode(genome)
+    tensors = in_seed_dtypes(space.decode(genome), run.seeds_dir)
     entries = [(n, tuple(t.shape), t.dtype) for n, t in tensors.items()]
     try:
         return write_checkpoint(
