@@ -639,6 +639,14 @@ def soak_mode(mode: str, budget: int, cluster: Cluster, work: Path, chaos: Chaos
     }
 
 
+def evomerge_to_end(
+    command: str, target: Path, cluster_env: dict[str, str], address: str
+) -> subprocess.CompletedProcess:
+    """`evomerge run SPEC` or `evomerge resume RUN` on the cluster, waited for, its output kept."""
+    cmd = [sys.executable, "-m", "evomerge", command, str(target), "--quiet", "--ray", address]
+    return subprocess.run(cmd, env=cluster_env, capture_output=True, text=True, timeout=1800)
+
+
 # Deterministic mode against an uninterrupted run ---------------------------------------------------
 def reference_run(spec: dict[str, Any], work: Path, env: dict[str, str], address: str) -> Path:
     """The same spec run once more on the same pool, with no chaos."""
@@ -646,8 +654,7 @@ def reference_run(spec: dict[str, Any], work: Path, env: dict[str, str], address
     ref["evaluator"] = {**spec["evaluator"], "count_dir": str(work / "counts-reference")}
     path = work / f"{ref['name']}.yaml"
     path.write_text(yaml.safe_dump(ref, sort_keys=False))
-    cmd = [sys.executable, "-m", "evomerge", "run", str(path), "--quiet", "--ray", address]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    done = evomerge_to_end("run", path, env, address)
     if done.returncode != 0:
         raise RuntimeError(f"the uninterrupted reference run failed:\n{done.stderr[-3000:]}")
     return Path(ref["output"]) / ref["name"]
@@ -719,13 +726,7 @@ def disk_full(cluster: Cluster, work: Path, budget: int, size: str = "2m") -> di
         run = mount / "disk-full"
         cluster.wait_ready()
         began = time.monotonic()
-        first = subprocess.run(
-            [sys.executable, "-m", "evomerge", "run", str(spec_path), "--quiet", "--ray", cluster.address],
-            env=cluster.env,
-            capture_output=True,
-            text=True,
-            timeout=1800,
-        )
+        first = evomerge_to_end("run", spec_path, cluster.env, cluster.address)
         err = [line for line in first.stderr.splitlines() if line.strip()]
         out["run"] = {
             "exit": first.returncode,
@@ -742,13 +743,7 @@ def disk_full(cluster: Cluster, work: Path, budget: int, size: str = "2m") -> di
         }
         subprocess.run(["mount", "-o", "remount,size=64m", str(mount)], check=True)
         began = time.monotonic()
-        second = subprocess.run(
-            [sys.executable, "-m", "evomerge", "resume", str(run), "--quiet", "--ray", cluster.address],
-            env=cluster.env,
-            capture_output=True,
-            text=True,
-            timeout=1800,
-        )
+        second = evomerge_to_end("resume", run, cluster.env, cluster.address)
         final = journal_lines(run / "journal.jsonl")
         ids = Counter(i for i, _, _ in final)
         err = [line for line in second.stderr.splitlines() if line.strip()]

@@ -321,3 +321,15 @@ def test_health_check_answers_while_the_worker_evaluates(tmp_path):
         assert [o.candidate.id for o in pool.collect()] == [0]
     finally:
         pool.close()
+
+
+def test_runtime_env_refused_when_ray_was_started_by_the_caller(tmp_path):
+    """The fixture started Ray in this process: a job's runtime environment can no longer be set from the spec."""
+    from evomerge.errors import EvomergeError
+    from evomerge.runtime.ray_pool import RayExecutor
+    from evomerge.spec import ExecutorSpec, load_spec
+
+    spec = load_spec(spec_with(tmp_path, "env"))
+    options = ExecutorSpec(name="ray", address="auto", workers=1, runtime_env={"env_vars": {"A": "1"}})
+    with pytest.raises(EvomergeError, match=r"runtime\.executor\.runtime_env: Ray was already started in this process"):
+        RayExecutor(spec.to_plain(), tmp_path / "seeds", options)

@@ -121,6 +121,27 @@ class _NotRay(BaseHTTPRequestHandler):
         pass
 
 
+def test_cluster_requiring_a_token_refused_when_token_auth_is_off(tmp_path, two_nodes):
+    address, _ = two_nodes
+    env = {**_user_env(), "RAY_AUTH_MODE": "disabled"}
+    cmd = [sys.executable, "-m", "evomerge", "run", str(_spec(tmp_path, "no-token", 20)), "--quiet", "--ray", address]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"evomerge: error: the Ray cluster at '{address}' requires token authentication: set RAY_AUTH_MODE=token and "
+        "put its token in ~/.ray/auth_token or RAY_AUTH_TOKEN (`ray get-auth-token` on the head prints it)"
+    )
+    assert not (tmp_path / "runs" / "no-token").exists()
+
+
+def test_malformed_address_is_refused(tmp_path):
+    cmd = [sys.executable, "-m", "evomerge", "run", str(_spec(tmp_path, "bad", 20)), "--quiet", "--ray", "headnode"]
+    result = subprocess.run(cmd, env=_user_env(), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert last == "evomerge: error: --ray 'headnode': expected HOST:PORT, 'local' or 'auto'"
+
+
 @pytest.mark.parametrize("kind", ["http", "closed"])
 def test_wrong_address_is_refused_in_seconds(tmp_path, kind):
     """A port where something else answers, or nothing does: one line, exit 2, no run folder, no hang."""
