@@ -39,6 +39,16 @@ class Evaluator(Protocol):
 
 
 @runtime_checkable
+class ResidentModel(Protocol):
+    """An evaluator that keeps one model instantiated on its device, in its dtype (a language model): evomerge
+    writes each candidate tensor by tensor into `resident_parameters()` in place (no re-instantiation, no copy of
+    the model) and then calls `evaluate`/`test` with those same tensors. Names and shapes are the `layout()`'s;
+    a tied output head appears once, under the name the checkpoint files use."""
+
+    def resident_parameters(self) -> dict[str, torch.Tensor]: ...
+
+
+@runtime_checkable
 class RunBound(Protocol):
     """An evaluator that keeps files of its own per run (e.g. fault markers): the driver and every Ray worker
     call `bind_run` with the run directory before the first evaluation, so two runs never share that state."""
