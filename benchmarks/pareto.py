@@ -223,7 +223,7 @@ def bench_wider_spaces(seeds: int, budget: int, out: Path, plots: dict) -> list[
 def ladder2(d: int, out: Path) -> list[dict[str, Any]]:
     """Per-task test accuracy (and normalised: merged / fine-tuned) of the usual merges and of the front point
     with the best mean validation accuracy that MAP (2, 3 tasks) or nested MAP (5 tasks) found."""
-    from evomerge.runtime.driver import build_evaluator_and_space
+    from evomerge.runtime.driver import evaluation_parts, make_seeds
     from evomerge.spec import spec_from_dict
 
     tasks = TASKS[d]
@@ -231,7 +231,9 @@ def ladder2(d: int, out: Path) -> list[dict[str, Any]]:
     strategy = {"name": "nested_map" if d >= 4 else "map", "objectives": objectives}
     budget = 4 * 20 if d >= 4 else (d + 1) * (d + 2) + 10
     search = spec(tasks, strategy, budget, 0, f"ladder2-{d}")
-    evaluator, space = build_evaluator_and_space(spec_from_dict(search), out / f"seeds-{d}", fresh_seeds=True)
+    parsed, seeds_dir = spec_from_dict(search), out / f"seeds-{d}"
+    make_seeds(parsed, seeds_dir)
+    evaluator, space = evaluation_parts(parsed, seeds_dir)
     reference = evaluator.models.info["finetuned_accuracy"]
 
     def row(label: str, test: dict[str, float], evaluations: int | None = None) -> dict[str, Any]:

@@ -16,6 +16,9 @@ from evomerge.evaluate.base import Evaluator
 from evomerge.spec import ModelsSpec
 from evomerge.store.atomic import atomic_write_text
 from evomerge.weights import Layout, load_flat, save_flat
+from evomerge.weights.checkpoint import Checkpoint
+from evomerge.weights.safetensors_stream import DTYPES, NAMES
+from evomerge.weights.seed_models import SeedModels
 
 
 def cache_root() -> Path:
@@ -87,88 +90,98 @@ def build_seeds(models: ModelsSpec, evaluator: Evaluator, evaluator_key: dict, s
 MANIFEST = "seeds.json"
 
 
+def weight_files(path: Path) -> list[Path]:
+    """The files holding a checkpoint's tensors: the file itself, or a folder's (sharded) safetensors."""
+    return sorted({Path(f) for f in Checkpoint.open(path).files()}) if path.is_dir() else [path]
+
+
 def content_hash(path: Path) -> str:
+    """sha256 over a checkpoint's weight files (names and bytes), so a changed shard is noticed as well."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
+    for file in weight_files(path):
+        digest.update(file.name.encode())
+        with open(file, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
     return digest.hexdigest()
 
 
+def content_size(path: Path) -> int:
+    return sum(f.stat().st_size for f in weight_files(path))
+
+
 def seed_sources(models: ModelsSpec) -> list[Path] | None:
-    """The files a run's seed models come from, when the user gave them (`models.init: files`)."""
+    """The checkpoints a run's seed models come from, when the user gave them (`models.init: files`)."""
     return [Path(p).resolve() for p in models.paths] if models.init == "files" else None
 
 
-def save_seeds(directory: Path, genomes: list[np.ndarray], layout: Layout, sources: list[Path] | None = None) -> None:
+def save_seeds(
+    directory: Path, genomes: list[np.ndarray] | None, layout: Layout | None, sources: list[Path] | None = None
+) -> None:
     """Seeds evomerge made (random inits, trained specialists, an evaluator's models) are written here; seeds
-    given as files are recorded by path, size and content hash, not copied (they may be many gigabytes)."""
+    given as checkpoints are recorded by path, size and content hash, not copied (they may be many gigabytes)."""
     directory.mkdir(parents=True, exist_ok=True)
     entries: list[dict[str, Any]] = []
-    for k, genome in enumerate(genomes):
-        if sources is None:
+    if sources is None:
+        for k, genome in enumerate(genomes or []):
             save_flat(directory / f"seed_{k}.safetensors", genome, layout)
             entries.append({"file": f"seed_{k}.safetensors"})
-        else:
-            source = sources[k]
-            entries.append(
-                {
-                    "source": str(source),
-                    "size": source.stat().st_size,
-                    "sha256": content_hash(source),
-                    "dtypes": file_dtypes(source),
-                }
-            )
-    atomic_write_text(directory / MANIFEST, json.dumps({"seeds": entries}, indent=2) + "\n")
+    for source in sources or []:
+        checkpoint = Checkpoint.open(source)
+        entries.append(
+            {
+                "source": str(source),
+                "size": content_size(source),
+                "sha256": content_hash(source),
+                "dtypes": {n: NAMES[checkpoint.dtype(n)] for n in checkpoint.names()},
+            }
+        )
+    order = list(layout.names) if layout is not None else None  # the flat order every process of the run uses
+    manifest = {"seeds": entries, **({"order": order} if order is not None else {})}
+    atomic_write_text(directory / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+
+
+def _manifest(directory: Path) -> dict[str, Any]:
+    return json.loads((directory / MANIFEST).read_text()) if (directory / MANIFEST).is_file() else {}
 
 
 def _entries(directory: Path) -> list[dict[str, Any]]:
-    manifest = directory / MANIFEST
-    if manifest.is_file():
-        return json.loads(manifest.read_text())["seeds"]
+    manifest = _manifest(directory)
+    if manifest:
+        return manifest["seeds"]
     if not directory.is_dir() or not any(directory.glob("seed_*.safetensors")):
         raise EvomergeError(f"seed models folder {directory} is missing or empty")
     paths = sorted(directory.glob("seed_*.safetensors"), key=lambda p: int(p.stem.split("_")[1]))
     return [{"file": p.name} for p in paths]  # a run from before seeds were recorded
 
 
-def file_dtypes(path: Path) -> dict[str, str]:
-    """Each tensor's dtype in a safetensors file, from its header (no tensor is read)."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as f:
-        return {name: str(f.get_slice(name).get_dtype()) for name in f.keys()}
-
-
-_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-
-
-def in_seed_dtypes(tensors: dict[str, torch.Tensor], directory: Path) -> dict[str, torch.Tensor]:
-    """A model written the way its seed files are (bf16 seeds give a bf16 `best.safetensors` and exports, not a
-    float32 copy twice their size); the first seed file's dtypes decide, and models evomerge made stay float32."""
+def seed_dtypes(directory: Path) -> dict[str, torch.dtype]:
+    """The dtype each tensor has in the seed checkpoints (recorded from their headers), so that a best model or an
+    export is written the way its seeds are (bf16 seeds give bf16, not a float32 copy twice their size); models
+    evomerge made are float32."""
     recorded = next((e["dtypes"] for e in _entries(directory) if "dtypes" in e), {})
-    return {n: t.to(_SAFETENSORS_DTYPES.get(recorded.get(n, ""), t.dtype)) for n, t in tensors.items()}
+    return {name: DTYPES[dtype] for name, dtype in recorded.items()}
 
 
 def seed_paths(directory: Path) -> list[Path]:
-    """Where each seed model's weights are: in the run's `seeds/` folder, or the user's file it records."""
+    """Where each seed model's weights are: in the run's `seeds/` folder, or the user's checkpoint it records."""
     return [Path(e["source"]) if "source" in e else directory / e["file"] for e in _entries(directory)]
 
 
-def load_seeds(directory: Path, layout: Layout, verify: bool = False) -> list[np.ndarray]:
-    """The seed models; a recorded file that is gone or changed is refused (by size, and with `verify` by its
-    content hash too, as the driver checks on resume; workers check sizes only)."""
-    seeds = []
+def load_seeds(directory: Path, layout: Layout | None = None, verify: bool = False) -> SeedModels:
+    """The seed models, opened lazily; a recorded checkpoint that is gone or changed is refused (by size, and with
+    `verify` by its content hash too, as the driver checks on resume; workers check sizes only)."""
     for k, (entry, path) in enumerate(zip(_entries(directory), seed_paths(directory))):
-        if "source" in entry:
-            if not path.is_file():
-                raise RunDirError(f"seed model {k}: {path}, which the run started from, no longer exists")
-            size = path.stat().st_size
-            if size != entry["size"] or (verify and content_hash(path) != entry["sha256"]):
-                what = f"{entry['size']:,} bytes then, {size:,} now" if size != entry["size"] else "its content hash"
-                raise RunDirError(
-                    f"seed model {k}: {path} changed since the run started ({what}); the run cannot be continued "
-                    "with another model: restore the file, or start a new run"
-                )
-        seeds.append(load_flat(path, layout))
-    return seeds
+        if "source" not in entry:
+            continue
+        if not path.exists():
+            raise RunDirError(f"seed model {k}: {path}, which the run started from, no longer exists")
+        size = content_size(path)
+        if size != entry["size"] or (verify and content_hash(path) != entry["sha256"]):
+            what = f"{entry['size']:,} bytes then, {size:,} now" if size != entry["size"] else "its content hash"
+            raise RunDirError(
+                f"seed model {k}: {path} changed since the run started ({what}); the run cannot be continued "
+                "with another model: restore the file, or start a new run"
+            )
+    order = _manifest(directory).get("order") or (list(layout.names) if layout is not None else None)
+    return SeedModels.from_files(seed_paths(directory), order, layout)

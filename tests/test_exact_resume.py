@@ -48,7 +48,7 @@ class ShuffledPool:
         count = self.rng.randint(1, len(self.queue))
         done, self.queue = self.queue[:count], self.queue[count:]
         self.delivered += count
-        return [evaluate_candidate(self.inner.evaluator, self.inner.space, c, None) for c in done]
+        return [evaluate_candidate(self.inner.evaluator, self.inner.materialize, c, None) for c in done]
 
     def test(self, genome: np.ndarray) -> dict[str, float]:
         return self.inner.test(genome)

@@ -49,7 +49,7 @@ CASES = {
 
 def build(name: str, seed: int = 0):
     options, space_kind = CASES[name]
-    space = WeightSpace(LAYOUT, SEEDS) if space_kind == "weights" else SlerpLineSpace(LAYOUT, *SEEDS)
+    space = WeightSpace(LAYOUT, SEEDS) if space_kind == "weights" else SlerpLineSpace(LAYOUT, SEEDS)
     return STRATEGIES.build(Component(name, options), space=space, seed=seed), space
 
 

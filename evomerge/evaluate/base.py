@@ -56,6 +56,39 @@ class RunBound(Protocol):
     def bind_run(self, run_dir: Path) -> None: ...
 
 
+@dataclass
+class EvaluatorFacts:
+    """What the driver may know of an evaluator it does not hold (a distributed run's is on the workers): enough to
+    check a strategy against it before the first evaluation."""
+
+    metric_names: list[str] | None = None  # every objective it can report, when it lists them
+    tasks: list[str] | None = None  # its tasks in order, when it has several
+    n_examples: int | None = None  # length of its per-example scores, when fixed
+
+
+@runtime_checkable
+class ListsMetrics(Protocol):
+    def metric_names(self) -> list[str]: ...
+
+
+@runtime_checkable
+class MultiTask(Protocol):
+    tasks: list[str]
+
+
+@runtime_checkable
+class FixedExamples(Protocol):
+    n_examples: int
+
+
+def evaluator_facts(evaluator: Evaluator) -> EvaluatorFacts:
+    return EvaluatorFacts(
+        list(evaluator.metric_names()) if isinstance(evaluator, ListsMetrics) else None,
+        list(evaluator.tasks) if isinstance(evaluator, MultiTask) else None,
+        evaluator.n_examples if isinstance(evaluator, FixedExamples) else None,
+    )
+
+
 def as_result(raw: Any, n_examples: int | None) -> EvalResult:
     """Accept an EvalResult or a plain dict from user code; refuse NaN and wrong-length scores."""
     if isinstance(raw, dict):

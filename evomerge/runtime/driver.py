@@ -11,75 +11,120 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from evomerge.errors import RunDirError
 from evomerge.evaluate import EVALUATORS, Evaluator
-from evomerge.evaluate.base import RunBound
+from evomerge.evaluate.base import EvaluatorFacts, ResidentModel, RunBound, evaluator_facts
 from evomerge.pareto import Objectives
 from evomerge.runtime.executor import InProcessExecutor
 from evomerge.runtime.manager import SearchManager
 from evomerge.runtime.threads import limit_threads
 from evomerge.search import STRATEGIES, Strategy
-from evomerge.seeds import build_seeds, in_seed_dtypes, load_seeds, save_seeds, seed_sources
+from evomerge.search.base import EvaluatorChecked
+from evomerge.seeds import build_seeds, load_seeds, save_seeds, seed_dtypes, seed_sources
 from evomerge.space import SPACES, Space
 from evomerge.space.weights import check_size as check_weights_size
 from evomerge.spec import ExecutorSpec, SearchSpec
 from evomerge.store import NoSpaceError, RunDir, read_journal
 from evomerge.store.atomic import atomic_write_text, reporting_full_disk
-from evomerge.weights.io import save_tensors
+from evomerge.weights import Layout
+from evomerge.weights.io import write_model
+from evomerge.weights.seed_models import SeedModels
 
 
-def build_evaluator_and_space(
-    spec: SearchSpec,
-    seeds_dir: Path,
-    fresh_seeds: bool = False,
-    run_dir: Path | None = None,
-    verify_seeds: bool = False,
-) -> tuple[Evaluator, Space]:
-    """The evaluator, bound to its run, and the space over the seed models in `seeds_dir` (built and saved there
-    first if fresh).
-
-    The driver and every Ray worker build them the same way; `run_dir` defaults to the folder holding
-    `seeds_dir` (RUN/seeds), which is all a worker is given.
-    """
+def build_evaluator(spec: SearchSpec, run_dir: Path) -> Evaluator:
+    """The evaluator, bound to its run (only processes that evaluate build one)."""
     evaluator = EVALUATORS.build(spec.evaluator)
     if isinstance(evaluator, RunBound):
-        evaluator.bind_run(run_dir if run_dir is not None else seeds_dir.parent)
+        evaluator.bind_run(run_dir)
+    return evaluator
+
+
+def evaluator_device(evaluator: Evaluator) -> torch.device:
+    """Where seeds and candidates live: the device of the evaluator's resident model, else the CPU."""
+    if isinstance(evaluator, ResidentModel):
+        return next(iter(evaluator.resident_parameters().values())).device
+    return torch.device("cpu")
+
+
+def make_seeds(spec: SearchSpec, seeds_dir: Path, evaluator: Evaluator | None = None) -> None:
+    """A fresh run's seed models: the user's checkpoints checked against each other and recorded, or models evomerge
+    makes (random inits, trained specialists, an evaluator's own), which are small, saved."""
+    sources = seed_sources(spec.models)
+    if sources is not None:  # names, shapes, dtypes and shards checked from the headers, before anything is saved
+        checked = SeedModels.from_files(sources, expected=None if evaluator is None else evaluator.layout())
+        save_seeds(seeds_dir, None, checked.layout, sources)
+        return
+    evaluator = evaluator if evaluator is not None else build_evaluator(spec, seeds_dir.parent)
     layout = evaluator.layout()
     if spec.space.name == "weights":
         check_weights_size(layout)  # before seed models of that size are built
-    if fresh_seeds:
-        seeds = build_seeds(spec.models, evaluator, spec.evaluator.to_plain(), spec.seed)
-        save_seeds(seeds_dir, seeds, layout, seed_sources(spec.models))
-    else:
-        seeds = load_seeds(seeds_dir, layout, verify=verify_seeds)
-    return evaluator, SPACES.build(spec.space, layout=layout, seeds=seeds)
+    save_seeds(seeds_dir, build_seeds(spec.models, evaluator, spec.evaluator.to_plain(), spec.seed), layout)
 
 
-def build_parts(run: RunDir, spec: SearchSpec, fresh_seeds: bool) -> tuple[Evaluator, Space, Strategy]:
-    """The evaluator, the space over the run's seed models, and a fresh strategy."""
-    evaluator, space = build_evaluator_and_space(spec, run.seeds_dir, fresh_seeds, run.path, verify_seeds=True)
-    strategy = STRATEGIES.build(spec.strategy, space=space, seed=spec.seed)
-    metric_names = getattr(evaluator, "metric_names", None)
-    if isinstance(getattr(strategy, "objectives", None), Objectives) and metric_names is not None:
-        strategy.objectives.check_names(metric_names())  # before the first evaluation, not at the first result
-    check_evaluator = getattr(strategy, "check_evaluator", None)
-    if check_evaluator is not None:
-        check_evaluator(evaluator)
-    return evaluator, space, strategy
+def search_space(
+    spec: SearchSpec,
+    seeds_dir: Path,
+    layout: Layout | None = None,
+    device: torch.device | None = None,
+    verify: bool = False,
+) -> Space:
+    """The space over the run's seed models: left in their files and read a tensor at a time (the driver of a
+    distributed run, `export`), or resident on `device` (a process that evaluates). `layout` is the evaluator's,
+    which the seeds must match; `verify` checks recorded checkpoints' content hashes (on start and resume)."""
+    seeds = load_seeds(seeds_dir, layout, verify=verify)
+    if spec.space.name == "weights":
+        check_weights_size(seeds.layout)
+    if device is not None:
+        seeds = seeds.resident(device)
+    return SPACES.build(spec.space, layout=seeds.layout, seeds=seeds)
+
+
+def evaluation_parts(spec: SearchSpec, seeds_dir: Path, run_dir: Path | None = None) -> tuple[Evaluator, Space]:
+    """What an evaluating process holds (a Ray worker, or the driver when it evaluates in-process): the evaluator and
+    the space over the seeds, resident on the evaluator's device. `run_dir` defaults to the folder holding
+    `seeds_dir` (RUN/seeds), which is all a worker is given."""
+    evaluator = build_evaluator(spec, run_dir if run_dir is not None else seeds_dir.parent)
+    return evaluator, search_space(spec, seeds_dir, evaluator.layout(), evaluator_device(evaluator))
+
+
+def check_strategy(strategy: Strategy, facts: EvaluatorFacts) -> None:
+    """Refuse, before the first evaluation, a strategy that does not fit what the evaluator reports."""
+    if isinstance(getattr(strategy, "objectives", None), Objectives) and facts.metric_names is not None:
+        strategy.objectives.check_names(facts.metric_names)  # not at the first result
+    if isinstance(strategy, EvaluatorChecked):
+        strategy.check_evaluator(facts)
 
 
 def build_manager(run: RunDir, spec: SearchSpec, budget: int, fresh_seeds: bool, progress: bool) -> SearchManager:
+    """In-process, the driver evaluates: it holds the evaluator and the seeds on its device. With Ray it holds only
+    the search: the space reads the seed files a tensor at a time when it must (SLERP angles, the best model), and
+    the evaluator exists only on the workers (and briefly here to make seeds evomerge builds itself)."""
     limit_threads(spec.runtime.threads)
-    evaluator, space, strategy = build_parts(run, spec, fresh_seeds)
     chosen = spec.runtime.executor
-    if chosen.name == "ray":
-        from evomerge.runtime.ray_pool import RayExecutor
+    if chosen.name != "ray":
+        evaluator = build_evaluator(spec, run.path)
+        if fresh_seeds:
+            make_seeds(spec, run.seeds_dir, evaluator)
+        space = search_space(spec, run.seeds_dir, evaluator.layout(), evaluator_device(evaluator), verify=True)
+        strategy = STRATEGIES.build(spec.strategy, space=space, seed=spec.seed)
+        check_strategy(strategy, evaluator_facts(evaluator))
+        executor = InProcessExecutor(evaluator, space)
+        return SearchManager(run, spec, strategy, executor, space, budget, progress, True)
+    from evomerge.runtime.ray_pool import RayExecutor
 
-        executor = RayExecutor(spec.to_plain(), run.seeds_dir, chosen, threads=spec.runtime.threads)
-        deterministic = chosen.deterministic
-    else:
-        executor, deterministic = InProcessExecutor(evaluator, space), True
-    return SearchManager(run, spec, strategy, executor, space, budget, progress, deterministic)
+    if fresh_seeds:
+        make_seeds(spec, run.seeds_dir)
+    space = search_space(spec, run.seeds_dir, verify=True)
+    strategy = STRATEGIES.build(spec.strategy, space=space, seed=spec.seed)
+    ray_executor = RayExecutor(spec.to_plain(), run.seeds_dir, chosen, threads=spec.runtime.threads)
+    try:
+        check_strategy(strategy, ray_executor.evaluator_facts())
+    except BaseException:
+        ray_executor.close()
+        raise
+    return SearchManager(run, spec, strategy, ray_executor, space, budget, progress, chosen.deterministic)
 
 
 def start_run(spec: SearchSpec, root: str | Path | None = None, progress: bool = True) -> RunDir:
@@ -187,8 +232,9 @@ def finish(run: RunDir, manager: SearchManager, status: str) -> dict[str, Any]:
     write_curve(run.curve_path, manager.state.curve)
     genome = manager.best_genome()
     if genome is not None:
-        best = in_seed_dtypes(manager.space.decode(genome), run.seeds_dir)
-        save_tensors(run.best_path, best, {"best_train": str(summary["best_train"])})
+        write_model(
+            run.best_path, manager.space, genome, seed_dtypes(run.seeds_dir), {"best_train": str(summary["best_train"])}
+        )
     from evomerge.report import plot_run
 
     summary["plots"] = plot_run(run)

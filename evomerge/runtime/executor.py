@@ -11,9 +11,10 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
+import torch
 
 from evomerge.errors import EvaluationError, EvomergeError
-from evomerge.evaluate.base import EvalResult, Evaluator, as_result
+from evomerge.evaluate.base import EvalResult, Evaluator, ResidentModel, as_result, evaluator_facts
 from evomerge.search.base import Candidate
 from evomerge.space.base import Space
 
@@ -46,12 +47,30 @@ class Executor(Protocol):
     def close(self) -> None: ...
 
 
-def evaluate_candidate(evaluator: Evaluator, space: Space, candidate: Candidate, n_examples: int | None) -> Outcome:
+class Materializer:
+    """Writes every candidate into one set of tensors kept for the process's life: the evaluator's resident model,
+    or buffers on the seeds' device (none for the `weights` space, whose genomes are the weights). A candidate then
+    allocates only per-tensor scratch, never a model."""
+
+    def __init__(self, evaluator: Evaluator, space: Space):
+        self.space = space
+        self.buffers = evaluator.resident_parameters() if isinstance(evaluator, ResidentModel) else space.new_buffers()
+
+    def __call__(self, genome: np.ndarray) -> dict[str, torch.Tensor]:
+        if self.buffers is None:
+            return self.space.decode(genome)
+        self.space.write(genome, self.buffers)
+        return self.buffers
+
+
+def evaluate_candidate(
+    evaluator: Evaluator, materialize: Materializer, candidate: Candidate, n_examples: int | None
+) -> Outcome:
     start = time.perf_counter()
     if hasattr(evaluator, "candidate_id"):  # evaluators that want to know which candidate this is
         evaluator.candidate_id = candidate.id
     try:
-        result = as_result(evaluator.evaluate(space.decode(candidate.genome)), n_examples)
+        result = as_result(evaluator.evaluate(materialize(candidate.genome)), n_examples)
         return Outcome(candidate, result, None, time.perf_counter() - start)
     except EvaluationError as err:
         return Outcome(candidate, None, str(err), time.perf_counter() - start)
@@ -59,13 +78,19 @@ def evaluate_candidate(evaluator: Evaluator, space: Space, candidate: Candidate,
         return Outcome(candidate, None, f"{type(err).__name__}: {err}", time.perf_counter() - start)
 
 
+def test_candidate(evaluator: Evaluator, materialize: Materializer, genome: np.ndarray) -> dict[str, float]:
+    """Held-out metrics of one genome ({} for an evaluator without a test split)."""
+    test = getattr(evaluator, "test", None)
+    return {} if test is None else {k: float(v) for k, v in test(materialize(genome)).items()}
+
+
 class InProcessExecutor:
     capacity = 1
 
     def __init__(self, evaluator: Evaluator, space: Space):
         self.evaluator = evaluator
-        self.space = space
-        self.n_examples: int | None = getattr(evaluator, "n_examples", None)
+        self.materialize = Materializer(evaluator, space)
+        self.n_examples: int | None = evaluator_facts(evaluator).n_examples
         self._queue: list[Candidate] = []
 
     def submit(self, candidate: Candidate) -> None:
@@ -75,7 +100,7 @@ class InProcessExecutor:
         return len(self._queue)
 
     def collect(self) -> list[Outcome]:
-        outcomes = [evaluate_candidate(self.evaluator, self.space, c, self.n_examples) for c in self._queue]
+        outcomes = [evaluate_candidate(self.evaluator, self.materialize, c, self.n_examples) for c in self._queue]
         self._queue.clear()
         for outcome in outcomes:
             if outcome.result is not None and outcome.result.per_example is not None and self.n_examples is None:
@@ -83,8 +108,7 @@ class InProcessExecutor:
         return outcomes
 
     def test(self, genome: np.ndarray) -> dict[str, float]:
-        test = getattr(self.evaluator, "test", None)
-        return {} if test is None else {k: float(v) for k, v in test(self.space.decode(genome)).items()}
+        return test_candidate(self.evaluator, self.materialize, genome)
 
     def close(self) -> None:
         self._queue.clear()

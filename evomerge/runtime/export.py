@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from evomerge.errors import EvomergeError
-from evomerge.runtime.driver import build_parts
-from evomerge.seeds import in_seed_dtypes, seed_paths
+from evomerge.merge.mergekit import NotMappable, mergekit_yaml
+from evomerge.runtime.driver import search_space
+from evomerge.search import STRATEGIES
+from evomerge.seeds import seed_dtypes, seed_paths
 from evomerge.store import NoSpaceError, RunDir, iter_journal, load_state
 from evomerge.store.atomic import FULL_DISK
 from evomerge.weights.checkpoint import write_checkpoint
@@ -31,7 +35,8 @@ def export_individual(run_path: str | Path, individual: int | None, out: str | P
     if not run.snapshot_path.exists():
         raise EvomergeError(f"{run.path} has no snapshot yet; nothing to export")
     spec = run.check_spec_unchanged()
-    _, space, strategy = build_parts(run, spec, fresh_seeds=False)
+    space = search_space(spec, run.seeds_dir)
+    strategy = STRATEGIES.build(spec.strategy, space=space, seed=spec.seed)
     state = load_state(run.snapshot_path)["strategy"]
     strategy.load_state_dict(state)
     label = "best" if individual is None else f"id-{individual}"
@@ -61,7 +66,7 @@ def export_front_point(
     run = RunDir.open(run_path)
     spec = run.check_spec_unchanged()
     genome, chosen = front_genome(run, point, objectives)
-    _, space, _ = build_parts(run, spec, fresh_seeds=False)
+    space = search_space(spec, run.seeds_dir)
     label = f"point-{point}" + ("" if objectives is None else "-" + "-".join(f"{k}-{v}" for k, v in objectives.items()))
     target = Path(out) if out else run.path / "export" / label
     return _write_export(run, spec, space, genome, chosen.id, target, {"front_point": point})
@@ -88,12 +93,16 @@ def _write_export(
     plan = space.to_plan(genome, recipe["seeds"]) if hasattr(space, "to_plan") else None
     if plan is not None:  # re-apply with `evomerge merge merge_plan.yaml` (e.g. to full-precision models)
         extra["merge_plan.yaml"] = dump_plain_yaml(plan)
-    tensors = in_seed_dtypes(space.decode(genome), run.seeds_dir)
-    entries = [(n, tuple(t.shape), t.dtype) for n, t in tensors.items()]
+    try:  # the same merge as a mergekit config, where mergekit has the method
+        extra["mergekit.yaml"] = mergekit_yaml(plan, space.layout.names)
+    except NotMappable as why:
+        print(f"evomerge: no mergekit.yaml: {why}", file=sys.stderr)
+    dtypes = seed_dtypes(run.seeds_dir)
+    layout = space.layout
+    entries = [(n, tuple(s), dtypes.get(n, torch.float32)) for n, s in zip(layout.names, layout.shapes)]
+    tensors = ((n, t.to(dtypes.get(n, torch.float32))) for n, t in space.tensors(genome))
     try:
-        return write_checkpoint(
-            out, entries, tensors.items(), extra_files=extra, metadata={"evomerge_run": run.path.name}
-        )
+        return write_checkpoint(out, entries, tensors, extra_files=extra, metadata={"evomerge_run": run.path.name})
     except OSError as err:  # write_checkpoint has removed its partial folder
         if err.errno in FULL_DISK:
             raise NoSpaceError(out, "; nothing was exported; free space and export again") from err

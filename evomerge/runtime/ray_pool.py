@@ -38,8 +38,14 @@ from typing import Any
 import numpy as np
 
 from evomerge.errors import EvomergeError
-from evomerge.evaluate.base import EvalResult
-from evomerge.runtime.executor import ExecutorFailure, Outcome
+from evomerge.evaluate.base import EvalResult, EvaluatorFacts, evaluator_facts
+from evomerge.runtime.executor import (
+    ExecutorFailure,
+    Materializer,
+    Outcome,
+    evaluate_candidate,
+    test_candidate,
+)
 from evomerge.search.base import Candidate
 from evomerge.seeds import seed_paths
 from evomerge.spec import ExecutorSpec
@@ -95,15 +101,16 @@ class EvaluatorWorker:
     def __init__(self, spec_plain: dict[str, Any], seeds_dir: str, threads: int, gpu_fraction: float = 0.0):
         import torch
 
-        from evomerge.runtime.driver import build_evaluator_and_space
+        from evomerge.runtime.driver import evaluation_parts
         from evomerge.runtime.threads import limit_threads
         from evomerge.spec import spec_from_dict
 
         limit_threads(threads)
         if 0 < gpu_fraction < 1 and torch.cuda.is_available():
             torch.cuda.set_per_process_memory_fraction(gpu_fraction)  # a GPU share comes with its memory share
-        self.evaluator, self.space = build_evaluator_and_space(spec_from_dict(spec_plain), Path(seeds_dir))
-        self.n_examples = getattr(self.evaluator, "n_examples", None)
+        self.evaluator, space = evaluation_parts(spec_from_dict(spec_plain), Path(seeds_dir))
+        self.materialize = Materializer(self.evaluator, space)
+        self.facts = evaluator_facts(self.evaluator)
 
     def ready(self) -> tuple[str, int]:
         """The health check a new worker answers once its evaluator is built: (node id, process id)."""
@@ -111,10 +118,13 @@ class EvaluatorWorker:
 
         return ray.get_runtime_context().get_node_id(), os.getpid()
 
-    def evaluate(self, candidate_id: int, genome: np.ndarray) -> tuple[dict[str, Any] | None, str | None, float]:
-        from evomerge.runtime.executor import evaluate_candidate
+    def describe(self) -> EvaluatorFacts:
+        """What the driver, which holds no evaluator, checks its strategy against."""
+        return self.facts
 
-        outcome = evaluate_candidate(self.evaluator, self.space, Candidate(candidate_id, genome, {}), self.n_examples)
+    def evaluate(self, candidate_id: int, genome: np.ndarray) -> tuple[dict[str, Any] | None, str | None, float]:
+        candidate = Candidate(candidate_id, genome, {})
+        outcome = evaluate_candidate(self.evaluator, self.materialize, candidate, self.facts.n_examples)
         if outcome.result is None:
             return None, outcome.error, outcome.seconds
         r = outcome.result
@@ -122,9 +132,8 @@ class EvaluatorWorker:
 
     def test(self, genome: np.ndarray) -> tuple[dict[str, float] | None, str | None, float]:
         start = time.perf_counter()
-        test = getattr(self.evaluator, "test", None)
         try:
-            metrics = {} if test is None else {k: float(v) for k, v in test(self.space.decode(genome)).items()}
+            metrics = test_candidate(self.evaluator, self.materialize, genome)
         except Exception as err:  # noqa: BLE001 - a failing test pass costs its metrics, not the run
             return None, f"{type(err).__name__}: {err}", time.perf_counter() - start
         return metrics, None, time.perf_counter() - start
@@ -516,6 +525,18 @@ class RayExecutor:
             self._step()
         outcomes, self.ready = self.ready, []
         return outcomes
+
+    def evaluator_facts(self) -> EvaluatorFacts:
+        """The evaluator's facts, from a live worker (the driver builds no evaluator of its own)."""
+        import ray
+
+        slot = next(s for s in self.workers if s.state == "live")
+        try:
+            return ray.get(slot.actor.describe.options(concurrency_group="health").remote(), timeout=60)
+        except ray.exceptions.RayError as err:
+            raise ExecutorFailure(
+                f"evaluator worker {slot.index} did not describe its evaluator: {cause_line(err)}"
+            ) from err
 
     def test(self, genome: np.ndarray) -> dict[str, float]:
         """A test pass on a worker, under the same fault policy as evaluations; {} if it cannot be done."""

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
 
-from evomerge.evaluate.base import EvalResult
+from evomerge.evaluate.base import EvalResult, EvaluatorFacts
 
 
 @dataclass
@@ -29,6 +29,13 @@ class Candidate:
     id: int
     genome: np.ndarray
     meta: dict[str, Any]
+
+
+@runtime_checkable
+class EvaluatorChecked(Protocol):
+    """A strategy with requirements on the evaluator (checked before the first evaluation, from its facts)."""
+
+    def check_evaluator(self, facts: EvaluatorFacts) -> None: ...
 
 
 class Strategy(ABC):

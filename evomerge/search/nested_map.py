@@ -16,7 +16,7 @@ from typing import Any, Literal
 import numpy as np
 
 from evomerge.errors import SpecError
-from evomerge.evaluate.base import EvalResult
+from evomerge.evaluate.base import EvalResult, EvaluatorFacts
 from evomerge.pareto import check_objectives
 from evomerge.schema import require
 from evomerge.search import STRATEGIES
@@ -128,9 +128,9 @@ class NestedMapSearch(ParetoStrategy):
     def finished(self) -> bool:
         return len(self.groups) == 1
 
-    def check_evaluator(self, evaluator: object) -> None:
+    def check_evaluator(self, facts: EvaluatorFacts) -> None:
         """Gene i merges task i's model, so objective i must be task i's metric (checked where tasks are named)."""
-        tasks = getattr(evaluator, "tasks", None)
+        tasks = facts.tasks
         if not tasks or len(tasks) != len(self.objectives):
             return
         for i, (name, task) in enumerate(zip(self.objectives.names, tasks)):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -17,7 +18,22 @@ class Space(Protocol):
         ...
 
     def decode(self, genome: np.ndarray) -> dict[str, torch.Tensor]:
-        """The model weights a genome stands for, as named tensors."""
+        """The model weights a genome stands for, as named tensors (newly allocated, or views of the genome)."""
+        ...
+
+    def tensors(self, genome: np.ndarray) -> Iterator[tuple[str, torch.Tensor]]:
+        """The same weights a tensor at a time, in layout order, each valid until the next is asked for: how a
+        model too large to hold twice is written to a file or into buffers."""
+        ...
+
+    def write(self, genome: np.ndarray, out: dict[str, torch.Tensor]) -> None:
+        """Materialise into existing tensors (a worker's reused buffers, an evaluator's resident model), in their
+        dtype and on their device."""
+        ...
+
+    def new_buffers(self) -> dict[str, torch.Tensor] | None:
+        """Buffers to `write` every candidate into, in the seeds' dtype and on their device; None when `decode`
+        costs nothing (views of the genome)."""
         ...
 
 

@@ -8,7 +8,9 @@ with each tensor getting the knob values of its block.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Literal
 
 import numpy as np
@@ -22,6 +24,7 @@ from evomerge.schema import require
 from evomerge.space import SPACES
 from evomerge.weights import Layout
 from evomerge.weights.blocks import block_map, check_block_options
+from evomerge.weights.seed_models import SeedModels, as_seed_models, write_tensors
 
 Per = Literal["global", "model", "block", "model_block"]
 PER_MODEL_KNOBS = ("weights", "density", "drop_rate")  # knobs that may hold one value per model
@@ -76,17 +79,18 @@ class MergeGenesOptions:
 class MergeGenesSpace:
     """A box space: strategies see [0, 1]^dim; `decode` runs the merge the genes describe."""
 
-    def __init__(self, options: MergeGenesOptions, layout: Layout, seeds: list[np.ndarray]):
+    def __init__(self, options: MergeGenesOptions, layout: Layout, seeds: SeedModels | list[np.ndarray]):
         self.options = options
         self.layout = layout
+        self.seeds = as_seed_models(seeds, layout)
         base_index = options.base
-        if base_index is not None and not 0 <= base_index < len(seeds):
-            raise SpecError("space.base", f"got {base_index}, the run has {len(seeds)} seed models")
-        self.base = None if base_index is None else layout.views(seeds[base_index])
-        self.models = [layout.views(s) for i, s in enumerate(seeds) if i != base_index]
+        if base_index is not None and not 0 <= base_index < len(self.seeds):
+            raise SpecError("space.base", f"got {base_index}, the run has {len(self.seeds)} seed models")
+        self.base_index = base_index
+        self.model_indices = [i for i in range(len(self.seeds)) if i != base_index]
         names = list(layout.names)
         self.blockmap = block_map(names, options.blocks, options.regex, options.layer_granularity, options.filters)
-        n_blocks, n_models = len(self.blockmap.blocks), len(self.models)
+        n_blocks, n_models = len(self.blockmap.blocks), len(self.model_indices)
         counts = {"global": 1, "model": n_models, "block": n_blocks, "model_block": n_models * n_blocks}
         self.choose_method = len(options.methods) > 1
         offset = int(self.choose_method)
@@ -96,7 +100,12 @@ class MergeGenesSpace:
             offset += counts[gene.per]
         self.dim = offset
         self.low, self.high = np.zeros(self.dim), np.ones(self.dim)
-        self.tied = find_tied(names, self.read)
+
+    @cached_property
+    def tied(self) -> dict[str, str]:
+        """Found when the first candidate is merged (reading the heads and embeddings), not in a driver that never
+        merges."""
+        return find_tied(list(self.layout.names), self.read)
 
     def initial(self) -> list[np.ndarray]:
         return [np.full(self.dim, 0.5, dtype=np.float32)]
@@ -111,7 +120,7 @@ class MergeGenesSpace:
         """The option values block `block` gets: genes mapped to their ranges, plus the fixed options,
         keeping only those the method has (a `density` gene means nothing to task arithmetic)."""
         values: dict[str, Any] = dict(self.options.fixed)
-        n_models, n_blocks = len(self.models), len(self.blockmap.blocks)
+        n_models, n_blocks = len(self.model_indices), len(self.blockmap.blocks)
         for knob, gene in self.options.genes.items():
             raw = np.clip(np.asarray(genome[self.gene_slices[knob]], dtype=np.float64), 0.0, 1.0)
             mapped = gene.low + raw * (gene.high - gene.low)
@@ -152,16 +161,28 @@ class MergeGenesSpace:
                 plan[key] = getattr(self.options, key)
         return plan
 
-    def decode(self, genome: np.ndarray) -> dict[str, torch.Tensor]:
+    def tensors(self, genome: np.ndarray) -> Iterator[tuple[str, torch.Tensor]]:
         blocks = self.blockmap
         per_block = {name: self.merge_component(genome, b) for b, name in enumerate(blocks.blocks)}
         engine = MergeEngine(per_block[blocks.blocks[0]], list(self.layout.names), blocks, per_block, self.tied)
-        return dict(engine.merged(self.read))
+        return engine.merged(self.read)
+
+    def write(self, genome: np.ndarray, out: dict[str, torch.Tensor]) -> None:
+        write_tensors(self.tensors(genome), out)
+
+    def new_buffers(self) -> dict[str, torch.Tensor]:
+        return self.seeds.allocate()
+
+    def decode(self, genome: np.ndarray) -> dict[str, torch.Tensor]:
+        out = self.new_buffers()
+        self.write(genome, out)
+        return out
 
     def read(self, name: str) -> TensorGroup:
-        return TensorGroup(name, None if self.base is None else self.base[name], [m[name] for m in self.models])
+        base = None if self.base_index is None else self.seeds.tensor(self.base_index, name)
+        return TensorGroup(name, base, [self.seeds.tensor(k, name) for k in self.model_indices])
 
 
 @SPACES.register("merge", MergeGenesOptions, "merge operator and its knobs as genes in [0, 1]^d", tags={"box"})
-def build_merge_genes_space(options: MergeGenesOptions, layout: Layout, seeds: list[np.ndarray]) -> MergeGenesSpace:
+def build_merge_genes_space(options: MergeGenesOptions, layout: Layout, seeds: SeedModels) -> MergeGenesSpace:
     return MergeGenesSpace(options, layout, seeds)

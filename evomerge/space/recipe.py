@@ -9,6 +9,7 @@ block). So an archive of merged models costs B × K numbers per individual, what
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -21,6 +22,7 @@ from evomerge.schema import require
 from evomerge.space import SPACES
 from evomerge.weights import Layout
 from evomerge.weights.blocks import block_map, check_block_options
+from evomerge.weights.seed_models import SeedModels, as_seed_models, write_tensors
 
 
 @dataclass
@@ -58,37 +60,70 @@ def block_ranges(layout: Layout, options: RecipeOptions) -> list[tuple[int, int]
 GRAM_CHUNK = 1 << 20  # elements of the seed stack cast to float64 at a time
 
 
-def block_gram(block: np.ndarray) -> np.ndarray:
-    """The seeds' Gram matrix on one block (K × n), accumulated in float64 a column chunk at a time: the
-    same angles as M2N2's float64 crossover of the full weights, without a float64 copy of the stack."""
-    stack = torch.from_numpy(np.ascontiguousarray(block))
+def block_gram(block: torch.Tensor | np.ndarray) -> np.ndarray:
+    """The seeds' Gram matrix on one slice (K × n), accumulated in float64 a column chunk at a time: the same
+    angles as M2N2's float64 crossover of the full weights, without a float64 copy of the stack."""
+    stack = torch.as_tensor(block)
     width = max(1, GRAM_CHUNK // max(1, stack.shape[0]))
     gram = torch.zeros(stack.shape[0], stack.shape[0], dtype=torch.float64)
     for start in range(0, stack.shape[1], width):
         chunk = stack[:, start : start + width].double()
-        gram += chunk @ chunk.T
+        gram += (chunk @ chunk.T).cpu()
     return gram.numpy()
+
+
+Piece = tuple[int, int, int]  # (block, start, end) within one tensor's flattened elements
+
+
+def tensor_pieces(layout: Layout, ranges: list[tuple[int, int]]) -> dict[str, list[Piece]]:
+    """Each tensor's parts by block: one piece per tensor for `tensor` and `layer` blocks; chunks may cut one."""
+    pieces: dict[str, list[Piece]] = {}
+    block = 0
+    for name, (a, b) in zip(layout.names, layout.offsets()):
+        pieces[name] = []
+        while block < len(ranges) and ranges[block][1] <= a:
+            block += 1
+        b_index = block
+        while b_index < len(ranges) and ranges[b_index][0] < b:
+            lo, hi = max(a, ranges[b_index][0]), min(b, ranges[b_index][1])
+            pieces[name].append((b_index, lo - a, hi - a))
+            b_index += 1
+    return pieces
 
 
 class RecipeSpace:
     def __init__(
         self,
         layout: Layout,
-        seeds: list[np.ndarray],
+        seeds: SeedModels | list[np.ndarray],
         ranges: list[tuple[int, int]],
         block_names: list[str] | None = None,
         block_by: str | None = None,
     ):
         self.layout = layout
+        self.seeds = as_seed_models(seeds, layout)
         self.block_names, self.block_by = block_names, block_by
-        self.seeds = np.stack(seeds).astype(np.float32)
         self.ranges = ranges
-        self.n_blocks, self.n_seeds = len(ranges), len(seeds)
+        self.n_blocks, self.n_seeds = len(ranges), len(self.seeds)
         self.dim = self.n_blocks * self.n_seeds
         self.n_splits = layout.size
         self.starts = np.array([a for a, _ in ranges])
-        self.lengths = np.array([b - a for a, b in ranges])
-        self.gram = np.stack([block_gram(self.seeds[:, a:b]) for a, b in ranges])  # (B, K, K)
+        self.pieces = tensor_pieces(layout, ranges)
+        self._gram: np.ndarray | None = None
+        self._scratch: torch.Tensor | None = None
+
+    @property
+    def gram(self) -> np.ndarray:
+        """(B, K, K) per-block Gram matrices, computed on the first crossover by one pass over the seeds, a tensor
+        at a time (a worker that only materialises never needs them)."""
+        if self._gram is None:
+            gram = np.zeros((self.n_blocks, self.n_seeds, self.n_seeds))
+            for name in self.layout.names:
+                flats = [self.seeds.tensor(k, name).reshape(-1) for k in range(self.n_seeds)]
+                for block, lo, hi in self.pieces[name]:
+                    gram[block] += block_gram(torch.stack([f[lo:hi] for f in flats]))
+            self._gram = gram
+        return self._gram
 
     def coefficients(self, genome: np.ndarray) -> np.ndarray:
         return np.asarray(genome, dtype=np.float64).reshape(self.n_blocks, self.n_seeds)
@@ -97,15 +132,32 @@ class RecipeSpace:
         """Each seed model itself: coefficient 1 on seed k in every block."""
         return [np.tile(np.eye(self.n_seeds)[k], self.n_blocks).astype(np.float32) for k in range(self.n_seeds)]
 
-    def materialize(self, genome: np.ndarray) -> np.ndarray:
-        per_parameter = np.repeat(self.coefficients(genome).astype(np.float32), self.lengths, axis=0)  # (n, K)
-        flat = per_parameter[:, 0] * self.seeds[0]
-        for k in range(1, self.n_seeds):
-            flat += per_parameter[:, k] * self.seeds[k]
-        return flat
+    def tensors(self, genome: np.ndarray) -> Iterator[tuple[str, torch.Tensor]]:
+        """Each tensor Σ_k C[b, k] θ_k in float32, one at a time in a reused scratch buffer (valid until the next)."""
+        coefficients = self.coefficients(genome).astype(np.float32)
+        if self._scratch is None:
+            self._scratch = self.seeds.scratch()
+        with torch.no_grad():
+            for name, shape in zip(self.layout.names, self.layout.shapes):
+                flats = [self.seeds.tensor(k, name).reshape(-1) for k in range(self.n_seeds)]
+                out = self._scratch[: flats[0].numel()]
+                for block, lo, hi in self.pieces[name]:
+                    part = out[lo:hi]
+                    part.copy_(flats[0][lo:hi]).mul_(float(coefficients[block, 0]))
+                    for k in range(1, self.n_seeds):
+                        part.add_(flats[k][lo:hi], alpha=float(coefficients[block, k]))
+                yield name, out.view(shape)
+
+    def write(self, genome: np.ndarray, out: dict[str, torch.Tensor]) -> None:
+        write_tensors(self.tensors(genome), out)
+
+    def new_buffers(self) -> dict[str, torch.Tensor]:
+        return self.seeds.allocate()
 
     def decode(self, genome: np.ndarray) -> dict[str, torch.Tensor]:
-        return self.layout.views(self.materialize(genome))
+        out = self.new_buffers()
+        self.write(genome, out)
+        return out
 
     def boundary(self, split: int) -> int:
         """The block whose start is at or before parameter index `split` (n_blocks past the end)."""
@@ -152,7 +204,7 @@ class RecipeSpace:
 @SPACES.register(
     "recipe", RecipeOptions, "per-block coefficients over the seed models (kilobyte archives)", tags={"variation"}
 )
-def build_recipe_space(options: RecipeOptions, layout: Layout, seeds: list[np.ndarray]) -> RecipeSpace:
+def build_recipe_space(options: RecipeOptions, layout: Layout, seeds: SeedModels) -> RecipeSpace:
     if len(seeds) < 2:
         raise SpecError(
             "space.name", f"'recipe' merges seed models and needs at least 2, models.init gives {len(seeds)}"

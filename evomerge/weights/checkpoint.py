@@ -50,6 +50,13 @@ class Checkpoint:
         index = folder / INDEX_NAMES[0]
         if index.is_file():
             weight_map = json.loads(index.read_text())["weight_map"]
+            for shard in sorted(set(weight_map.values())):
+                if not (folder / shard).is_file():
+                    held = [name for name, f in weight_map.items() if f == shard]
+                    raise EvomergeError(
+                        f"{folder}: shard {shard}, which {index.name} lists for {len(held)} tensors "
+                        f"(e.g. {held[0]!r}), is missing"
+                    )
             readers = {f: SafetensorsReader(folder / f) for f in sorted(set(weight_map.values()))}
             return cls(folder, {name: readers[f] for name, f in weight_map.items()}, {})
         single = sorted(folder.glob("*.safetensors"))
@@ -78,6 +85,10 @@ class Checkpoint:
 
     def read(self, name: str) -> torch.Tensor:
         return self._readers[name].read(name) if name in self._readers else self._loaded[name]
+
+    def files(self) -> list[Path]:
+        """The safetensors files the tensors are read from."""
+        return sorted({reader.path for reader in self._readers.values()})
 
     def nbytes(self) -> int:
         return sum(tensor_bytes(self.shape(n), self.dtype(n)) for n in self.names())

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -10,8 +12,17 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
 from evomerge.errors import EvomergeError
-from evomerge.store.atomic import atomic_write_bytes
+from evomerge.store.atomic import atomic_write_bytes, reporting_full_disk
 from evomerge.weights.layout import Layout
+from evomerge.weights.safetensors_stream import SafetensorsWriter
+
+
+class TensorSource(Protocol):
+    """A space, as far as writing one of its candidates goes."""
+
+    layout: Layout
+
+    def tensors(self, genome: np.ndarray) -> Iterator[tuple[str, torch.Tensor]]: ...
 
 
 def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
@@ -39,3 +50,25 @@ def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
 
 def load_flat(path: str | Path, layout: Layout) -> np.ndarray:
     return layout.flatten(load_tensors(path), source=str(path))
+
+
+def write_model(
+    path: str | Path,
+    space: TensorSource,
+    genome: np.ndarray,
+    dtypes: Mapping[str, torch.dtype],
+    metadata: dict[str, str] | None = None,
+) -> None:
+    """Stream a candidate into one safetensors file a tensor at a time, each in the seeds' dtype (float32 where
+    none is recorded), atomically: a best model is never held whole in the driver."""
+    layout: Layout = space.layout
+    entries = [(n, tuple(s), dtypes.get(n, torch.float32)) for n, s in zip(layout.names, layout.shapes)]
+    with reporting_full_disk(path):
+        writer = SafetensorsWriter(path, entries, metadata)
+        try:
+            for name, tensor in space.tensors(genome):
+                writer.write(name, tensor.to(dtypes.get(name, torch.float32)))
+        except BaseException:
+            writer.abort()
+            raise
+        writer.close()
