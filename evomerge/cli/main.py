@@ -70,7 +70,9 @@ def _parser() -> argparse.ArgumentParser:
         description="Merge the checkpoints a PLAN names, streaming tensor by tensor, into the folder OUT "
         "(safetensors, sharded above max_shard_size, with the first model folder's config and tokenizer files).",
     )
-    merge.add_argument("plan", metavar="PLAN", help="merge plan YAML: method, base (optional), models")
+    merge.add_argument(
+        "plan", metavar="PLAN", help="merge plan YAML (method, base, models) or a mergekit config (merge_method, ...)"
+    )
     merge.add_argument("--out", required=True, metavar="DIR", help="output model folder (must not exist)")
     merge.add_argument(
         "--allow-pickle", action="store_true", help="read .bin/.pt files with torch.load(weights_only=True)"
@@ -251,7 +253,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_merge(args: argparse.Namespace) -> int:
     from evomerge.merge.plan import MergePlan
 
-    plan = MergePlan.load(args.plan)
+    plan = MergePlan.load(args.plan, args.allow_pickle)
     plan.allow_pickle = plan.allow_pickle or args.allow_pickle
     out = plan.run(args.out)
     print(f"merged {len(plan.models)} models with {plan.method.name} into {out}")

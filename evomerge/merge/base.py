@@ -13,7 +13,7 @@ import dataclasses
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import torch
 from torch import Tensor
@@ -24,6 +24,9 @@ from evomerge.schema import require
 from evomerge.weights.blocks import layer_index
 
 MERGE_METHODS: Registry = Registry("merge method")
+
+# Whose counting and edge-case rules a method follows: ours, or mergekit 0.1.5's (README, "mergekit conventions").
+Conventions = Literal["evomerge", "mergekit"]
 
 # Allowed ranges of option fields, by field name, written as they appear in error messages.
 RANGES: dict[str, str] = {
@@ -114,6 +117,34 @@ def weighted_sum(tensors: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
     return out
 
 
+# Elements per step of `weighted_sum_into`: the float32 partial sums stay in cache (CPU) or in L2 (GPU), so memory
+# traffic is one read of each input and one write of the output, as close to a plain copy as the sum allows.
+SUM_CHUNK = {"cpu": 1 << 16, "cuda": 1 << 22}
+
+
+def sum_scratch(device: torch.device | str) -> Tensor:
+    """The float32 buffer `weighted_sum_into` works in on `device`."""
+    device = torch.device(device)
+    return torch.empty(SUM_CHUNK.get(device.type, 1 << 20), dtype=torch.float32, device=device)
+
+
+def weighted_sum_into(out: Tensor, tensors: Sequence[Tensor], weights: Sequence[float], scratch: Tensor) -> Tensor:
+    """out ← Σ w_i t_i, in float32 arithmetic whatever the dtypes, written in out's dtype a chunk at a time through
+    `scratch` (see `sum_scratch`): nothing is allocated, so a candidate costs no memory beyond its buffers."""
+    flat_out = out.view(-1)
+    flats = [t.reshape(-1) for t in tensors]
+    step = scratch.numel()
+    with torch.no_grad():
+        for start in range(0, flat_out.numel(), step):
+            end = min(start + step, flat_out.numel())
+            acc = scratch[: end - start]
+            acc.copy_(flats[0][start:end]).mul_(float(weights[0]))
+            for w, flat in zip(weights[1:], flats[1:]):
+                acc.add_(flat[start:end], alpha=float(w))
+            flat_out[start:end].copy_(acc)
+    return out
+
+
 @dataclass(frozen=True)
 class Merger:
     """A built merge method: call it per tensor; it checks inputs and returns the dtype it was given."""
@@ -126,6 +157,9 @@ class Merger:
     weights: Sequence[float] | None = None
     prepare_fn: Prepare | None = None
     options: Any = None
+    # For methods whose result is a weighted sum of their inputs ([base, *models], or the models): the weights of
+    # one tensor, so that a candidate is summed straight into its buffer (`MergeEngine.merged(out=...)`).
+    linear_fn: Callable[[str, int, MergeContext], list[float]] | None = None
 
     @property
     def needs_prepare(self) -> bool:
@@ -151,6 +185,15 @@ class Merger:
             check_tensor(name, t, label_of(i), shape)
         as32 = [t.detach().to(torch.float32) for t in tensors]
         return TensorGroup(name, None if base is None else base.detach().to(torch.float32), as32)
+
+    def linear_weights(
+        self, name: str, base: Tensor | None, tensors: Sequence[Tensor], context: MergeContext
+    ) -> list[float] | None:
+        """The weights of [base, *tensors] (or of the tensors, without a base) whose sum this merge is, if it is one."""
+        if self.linear_fn is None or not _reference(base, tensors).is_floating_point():
+            return None
+        self.check_models(base is not None, len(tensors))
+        return self.linear_fn(name, len(tensors), context)
 
     def prepare(self, groups: Iterable[TensorGroup]) -> Any:
         """The model-wide statistics of a two-pass method (None for the others); floating tensors only."""

@@ -27,6 +27,8 @@ from evomerge.merge.base import (
     check_same_layout,
     label_of,
     layer_index_from_name,
+    sum_scratch,
+    weighted_sum_into,
 )
 from evomerge.weights.blocks import BlockMap
 
@@ -100,22 +102,36 @@ class MergeEngine:
         return MergeContext(self.blocks.layers.get(name), self.blocks.n_layers or None, fisher, stats)
 
     def merged(
-        self, read: Reader, fishers: Callable[[str], Sequence[Tensor]] | None = None
+        self,
+        read: Reader,
+        fishers: Callable[[str], Sequence[Tensor]] | None = None,
+        out: Mapping[str, Tensor] | None = None,
     ) -> Iterator[tuple[str, Tensor]]:
         """(name, merged tensor) in tensor order; `read` is called twice per tensor when a method needs a
-        model-wide pass (streaming callers re-read from disk rather than keep the model in memory)."""
+        model-wide pass (streaming callers re-read from disk rather than keep the model in memory).
+
+        With `out` (a candidate's buffers), each tensor is written there, in its dtype, and yielded from there; a
+        method that is a weighted sum of its inputs is summed straight into it, with no float32 copies."""
         own = [name for name in self.names if name not in self.tied]  # a tied tensor counts once
         stats: dict[tuple[str, str], Any] = {}
         for merger in self.used_mergers():
             key = _options_key(merger)
             if merger.needs_prepare and key not in stats:
                 stats[key] = merger.prepare(read(name) for name in own)
+        scratch: list[Tensor] = []  # weighted_sum_into's buffer, made on the first weighted sum
 
         def merge(name: str) -> Tensor:
             group = read(name)
             merger = self.merger_of(name)
             context = self.context(name, stats.get(_options_key(merger)), None if fishers is None else fishers(name))
-            return merger(name, group.base, group.tensors, context)
+            weights = None if out is None else merger.linear_weights(name, group.base, group.tensors, context)
+            if weights is not None:
+                if not scratch:
+                    scratch.append(sum_scratch(out[name].device))
+                inputs = group.tensors if group.base is None else [group.base, *group.tensors]
+                return weighted_sum_into(out[name], inputs, weights, scratch[0])
+            merged = merger(name, group.base, group.tensors, context)
+            return merged if out is None else out[name].copy_(merged)
 
         shared: dict[str, Tensor] = {}  # merged tensors another one is tied to
         sources = set(self.tied.values())
@@ -124,14 +140,14 @@ class MergeEngine:
             if source is not None:
                 if source not in shared:
                     shared[source] = merge(source)
-                yield name, shared[source].clone()
+                yield name, shared[source].clone() if out is None else out[name].copy_(shared[source])
             elif name in shared:
                 yield name, shared.pop(name)
             else:
-                out = merge(name)
+                merged = merge(name)
                 if name in sources:
-                    shared[name] = out
-                yield name, out
+                    shared[name] = merged
+                yield name, merged
 
 
 def merge_state_dicts(

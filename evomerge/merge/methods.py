@@ -20,6 +20,7 @@ from evomerge.merge import task_vectors  # noqa: F401  (registers the task-vecto
 from evomerge.merge.base import (
     MERGE_METHODS,
     CheckedOptions,
+    Conventions,
     MergeContext,
     Merger,
     TensorGroup,
@@ -28,7 +29,6 @@ from evomerge.merge.base import (
     weighted_sum,
 )
 from evomerge.merge.slerp import dot_products64, slerp_coefficients
-from evomerge.registry import NoOptions
 from evomerge.schema import require
 
 # --- linear (model soup) ---------------------------------------------------------------------------------------
@@ -47,15 +47,19 @@ class LinearOptions(CheckedOptions):
             require(sum(self.weights) != 0, field_path(path, "weights"), f"got {self.weights}; normalize needs Σ ≠ 0")
 
 
-def linear(tensors: Sequence[Tensor], weights: Sequence[float] | None = None, normalize: bool = False) -> Tensor:
-    """Model soup Σ w_i θ_i."""
-    w = [1.0 / len(tensors)] * len(tensors) if weights is None else list(weights)
+def linear_weights(count: int, weights: Sequence[float] | None = None, normalize: bool = False) -> list[float]:
+    w = [1.0 / count] * count if weights is None else list(weights)
     if normalize:
         total = sum(w)
         if total == 0:
             raise EvomergeError(f"linear merge: weights {w} sum to 0 and cannot be normalized")
         w = [x / total for x in w]
-    return weighted_sum(tensors, w)
+    return w
+
+
+def linear(tensors: Sequence[Tensor], weights: Sequence[float] | None = None, normalize: bool = False) -> Tensor:
+    """Model soup Σ w_i θ_i."""
+    return weighted_sum(tensors, linear_weights(len(tensors), weights, normalize))
 
 
 @MERGE_METHODS.register("linear", LinearOptions, "model soup: Σ w_i θ_i")
@@ -63,7 +67,10 @@ def build_linear(options: LinearOptions) -> Merger:
     def kernel(name: str, base: Tensor | None, tensors: list[Tensor], context: MergeContext) -> Tensor:
         return linear(tensors, options.weights, options.normalize)
 
-    return Merger("linear", kernel, weights=options.weights, options=options)
+    def linear_fn(name: str, count: int, context: MergeContext) -> list[float]:
+        return linear_weights(count, options.weights, options.normalize)
+
+    return Merger("linear", kernel, weights=options.weights, options=options, linear_fn=linear_fn)
 
 
 # --- SLERP -----------------------------------------------------------------------------------------------------
@@ -75,6 +82,12 @@ class SlerpOptions(CheckedOptions):
 
     t: float = 0.5
     scope: Literal["tensor", "model"] = "tensor"
+    conventions: Conventions = "evomerge"
+
+    def check(self, path: str) -> None:
+        super().check(path)
+        if self.conventions == "mergekit":
+            require(self.scope == "tensor", field_path(path, "scope"), "mergekit's conventions are per tensor")
 
 
 SlerpStats = tuple[float, float, float]
@@ -90,9 +103,11 @@ def slerp_model_stats(pairs: Iterable[tuple[Tensor, Tensor]]) -> SlerpStats:
     return dot, math.sqrt(xx), math.sqrt(yy)
 
 
-def slerp_tensors(x: Tensor, y: Tensor, t: float, stats: SlerpStats | None = None) -> Tensor:
+def slerp_tensors(
+    x: Tensor, y: Tensor, t: float, stats: SlerpStats | None = None, conventions: Conventions = "evomerge"
+) -> Tensor:
     """SLERP of two tensors: the angle of these tensors, or of whole models when `stats` are given."""
-    a, b = slerp_coefficients(t, *(stats if stats is not None else slerp_model_stats([(x, y)])))
+    a, b = slerp_coefficients(t, *(stats if stats is not None else slerp_model_stats([(x, y)])), conventions)
     return torch.mul(x, a).add_(y, alpha=b)
 
 
@@ -110,7 +125,7 @@ def build_slerp(options: SlerpOptions) -> Merger:
                 f"method 'slerp' with scope 'model' needs model-wide statistics for {name!r}: "
                 "run Merger.prepare over all tensors first (merge_state_dicts does)"
             )
-        out = slerp_tensors(*_slerp_ends(base, tensors), options.t, stats)
+        out = slerp_tensors(*_slerp_ends(base, tensors), options.t, stats, options.conventions)
         return out if base is None else base + out
 
     def prepare(groups: Iterable[TensorGroup]) -> SlerpStats:
@@ -123,32 +138,52 @@ def build_slerp(options: SlerpOptions) -> Merger:
 # --- Model Stock -----------------------------------------------------------------------------------------------
 
 
-def mean_pairwise_cosine(taus: Sequence[Tensor]) -> float:
-    """Mean cosine over pairs of task vectors; a zero vector counts as orthogonal to everything."""
+def mean_pairwise_cosine(taus: Sequence[Tensor], min_norm_product: float = 0.0) -> float:
+    """Mean cosine over pairs of task vectors; a zero vector counts as orthogonal to everything. With
+    `min_norm_product` (mergekit: 1e-6) each cosine is x·y / max(|x||y|, it), clipped to [-1, 1]."""
     flat = torch.stack([t.reshape(-1) for t in taus]).double()
     norms = flat.norm(dim=1)
     outer = norms[:, None] * norms[None, :]
-    cos = torch.where(outer > 0, (flat @ flat.T) / outer.clamp(min=1e-300), torch.zeros_like(outer))
+    if min_norm_product > 0:
+        cos = ((flat @ flat.T) / outer.clamp(min=min_norm_product)).clamp(-1.0, 1.0)
+    else:
+        cos = torch.where(outer > 0, (flat @ flat.T) / outer.clamp(min=1e-300), torch.zeros_like(outer))
     i, j = torch.triu_indices(len(taus), len(taus), offset=1)
     return float(cos[i, j].mean())
 
 
-def model_stock(base: Tensor, tensors: Sequence[Tensor]) -> Tensor:
+def model_stock(base: Tensor, tensors: Sequence[Tensor], conventions: Conventions = "evomerge") -> Tensor:
     """Model Stock: t = N cos φ / (1 + (N − 1) cos φ); θ = t · mean θ_i + (1 − t) θ0.
 
-    cos φ is clamped to [0, 1] so that t stays in [0, 1] (the formula has a pole at cos φ = −1/(N − 1)).
+    cos φ is clamped to [0, 1] so that t stays in [0, 1] (the formula has a pole at cos φ = −1/(N − 1));
+    mergekit leaves it unclamped, so t may leave [0, 1] when task vectors disagree, and takes t = 0 within 1e-6 of
+    the pole.
     """
     n = len(tensors)
-    cos = min(1.0, max(0.0, mean_pairwise_cosine([t - base for t in tensors])))
-    t = n * cos / (1 + (n - 1) * cos)
+    taus = [t - base for t in tensors]
+    if conventions == "mergekit":
+        cos = mean_pairwise_cosine(taus, min_norm_product=1e-6)
+    else:
+        cos = min(1.0, max(0.0, mean_pairwise_cosine(taus)))
+    denominator = 1 + (n - 1) * cos
+    t = 0.0 if abs(denominator) < 1e-6 else n * cos / denominator
     return t * linear(tensors) + (1 - t) * base
 
 
-@MERGE_METHODS.register("model_stock", NoOptions, "Model Stock: interpolate toward the base by the task-vector angle")
-def build_model_stock(options: NoOptions) -> Merger:
+@dataclass
+class ModelStockOptions(CheckedOptions):
+    """Model Stock has no knobs; only whose conventions it follows."""
+
+    conventions: Conventions = "evomerge"
+
+
+@MERGE_METHODS.register(
+    "model_stock", ModelStockOptions, "Model Stock: interpolate toward the base by the task-vector angle"
+)
+def build_model_stock(options: ModelStockOptions) -> Merger:
     def kernel(name: str, base: Tensor | None, tensors: list[Tensor], context: MergeContext) -> Tensor:
         assert base is not None  # Merger checks needs_base first
-        return model_stock(base, tensors)
+        return model_stock(base, tensors, options.conventions)
 
     return Merger("model_stock", kernel, needs_base=True, min_models=2, options=options)
 

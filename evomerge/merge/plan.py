@@ -5,17 +5,26 @@ base: checkpoints/base                  # optional; task-vector methods need it
 models: [checkpoints/math, checkpoints/code]
 allow_pickle: false                     # read .bin/.pt only through torch.load(weights_only=True)
 max_shard_size: 5GB
+conventions: mergekit                   # optional: mergekit 0.1.5's conventions for the methods that differ
+dtype: float32                          # optional: read (and write) floating tensors in this dtype
+out_dtype: bfloat16                     # optional: write them in this dtype
+
+A mergekit config (it names `merge_method`) is read as the plan it translates to (`evomerge.merge.mergekit`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
+
 from evomerge.errors import SpecError
-from evomerge.merge.base import MERGE_METHODS
+from evomerge.merge.base import MERGE_METHODS, Conventions
+from evomerge.merge.mergekit import from_mergekit, is_mergekit_config
 from evomerge.merge.streaming import merge_checkpoints
 from evomerge.registry import Component
 from evomerge.schema import parse, require
@@ -45,6 +54,9 @@ class _RawPlan:
     regex: str | None = None
     layer_granularity: int = 1
     filters: list[str] = field(default_factory=list)
+    conventions: Conventions | None = None
+    dtype: Literal["float32", "float16", "bfloat16"] | None = None
+    out_dtype: Literal["float32", "float16", "bfloat16"] | None = None
 
     def check(self, path: str) -> None:
         require(len(self.models) >= 1, "models", "needs at least one model path")
@@ -64,14 +76,24 @@ class MergePlan:
     layer_granularity: int = 1
     filters: list[str] = field(default_factory=list)
     source: dict[str, Any] = field(default_factory=dict)
+    dtype: torch.dtype | None = None
+    out_dtype: torch.dtype | None = None
+    extra_files: dict[str, str] = field(default_factory=dict)
 
     @classmethod
-    def load(cls, path: str | Path) -> MergePlan:
+    def load(cls, path: str | Path, allow_pickle: bool = False) -> MergePlan:
+        """An evomerge plan, or a mergekit config (detected by its `merge_method`) translated into one."""
         data = read_yaml_mapping(path, "merge plan")
+        extra = {}
+        if is_mergekit_config(data):
+            extra["mergekit.yaml"] = Path(path).read_text()
+            data = from_mergekit(data, allow_pickle)
         raw = parse(_RawPlan, data)
-        method = MERGE_METHODS.resolve(raw.method, "method")
+        method = MERGE_METHODS.resolve(_with_conventions(raw.method, raw.conventions), "method")
         block_methods = {
-            block: MERGE_METHODS.resolve(_block_override(method, override), f"blocks.{block}")
+            block: MERGE_METHODS.resolve(
+                _with_conventions(_block_override(method, override), raw.conventions), f"blocks.{block}"
+            )
             for block, override in raw.blocks.items()
         }
         return cls(
@@ -86,6 +108,9 @@ class MergePlan:
             allow_pickle=raw.allow_pickle,
             max_shard_bytes=parse_size(raw.max_shard_size),
             source=data,
+            dtype=None if raw.dtype is None else getattr(torch, raw.dtype),
+            out_dtype=None if raw.out_dtype is None else getattr(torch, raw.out_dtype),
+            extra_files=extra,
         )
 
     def run(self, out: str | Path) -> Path:
@@ -101,10 +126,23 @@ class MergePlan:
             base=base,
             max_shard_bytes=self.max_shard_bytes,
             metadata={"evomerge_method": self.method.name},
-            extra_files={"merge_plan.yaml": plan_text},
+            extra_files={"merge_plan.yaml": plan_text, **self.extra_files},
             block_methods=self.block_methods,
             blocks=blocks,
+            dtype=self.dtype,
+            out_dtype=self.out_dtype,
         )
+
+
+def _with_conventions(method: Any, conventions: str | None) -> Any:
+    """A method block with the plan's `conventions` added, for the methods that have that option."""
+    block = {"name": method} if isinstance(method, str) else method
+    if conventions is None or not isinstance(block, dict) or "conventions" in block or "name" not in block:
+        return method
+    options = MERGE_METHODS.entry(block["name"], "method.name").options
+    if dataclasses.is_dataclass(options) and "conventions" in {f.name for f in dataclasses.fields(options)}:
+        return {**block, "conventions": conventions}
+    return method
 
 
 def _block_override(method: Component, override: Any) -> Any:

@@ -13,11 +13,24 @@ import math
 import numpy as np
 import torch
 
+from evomerge.merge.base import Conventions
+
 LINEAR_FALLBACK = 1e-6
+MERGEKIT_DOT_THRESHOLD = 0.9995  # mergekit interpolates linearly above this |cos|
+MERGEKIT_NORM_EPS = 1e-8  # mergekit leaves a vector of no larger norm unnormalised when taking the cosine
 
 
-def slerp_coefficients(t: float, dot: float, norm_x: float, norm_y: float) -> tuple[float, float]:
-    """(a, b) such that slerp(x, y, t) = a·x + b·y; linear when the angle is degenerate."""
+def slerp_coefficients(
+    t: float, dot: float, norm_x: float, norm_y: float, conventions: Conventions = "evomerge"
+) -> tuple[float, float]:
+    """(a, b) such that slerp(x, y, t) = a·x + b·y; linear when the angle is degenerate (sin ω < 1e-6, a zero
+    vector), or, with mergekit's conventions, when |cos ω| > 0.9995."""
+    if conventions == "mergekit":
+        cos = dot / (norm_x if norm_x > MERGEKIT_NORM_EPS else 1.0) / (norm_y if norm_y > MERGEKIT_NORM_EPS else 1.0)
+        if abs(cos) > MERGEKIT_DOT_THRESHOLD:
+            return 1.0 - t, t
+        omega = math.acos(cos)
+        return math.sin((1.0 - t) * omega) / math.sin(omega), math.sin(t * omega) / math.sin(omega)
     if norm_x == 0.0 or norm_y == 0.0:
         return 1.0 - t, t
     omega = math.acos(min(1.0, max(-1.0, dot / (norm_x * norm_y))))

@@ -9,6 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from evomerge.merge.base import Component, TensorGroup
 from evomerge.merge.engine import MergeEngine, find_tied
 from evomerge.weights.blocks import BlockMap
@@ -25,11 +27,15 @@ def merge_checkpoints(
     extra_files: dict[str, str] | None = None,
     block_methods: dict[str, Component] | None = None,
     blocks: BlockMap | None = None,
+    dtype: torch.dtype | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> Path:
     """Validate everything that needs no tensor data, then stream the merge into `out`.
 
     `block_methods` replace `method` on the named blocks of `blocks` (default: blocks by layer); a block's
     method with model-wide options (`scope: model`) computes them over the whole model with its own options.
+    Floating-point tensors are read in `dtype` and written in `out_dtype` (defaults: the input's, then `dtype`), as
+    mergekit's `dtype` and `out_dtype` have it; the arithmetic itself is float32.
     """
     reference = base if base is not None else models[0]
     names = reference.names()
@@ -37,11 +43,19 @@ def merge_checkpoints(
     engine.check_models(base is not None, len(models))
     check_compatible([reference, *[m for m in models if m is not reference]])
 
+    def cast(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+
     def read(name: str) -> TensorGroup:
-        return TensorGroup(name, None if base is None else base.read(name), [m.read(name) for m in models])
+        return TensorGroup(name, None if base is None else cast(base.read(name)), [cast(m.read(name)) for m in models])
 
     engine.tied = find_tied(names, read)
 
-    entries = [(n, reference.shape(n), reference.dtype(n)) for n in names]
+    def stored(name: str) -> torch.dtype:
+        kept = reference.dtype(name)
+        return (out_dtype or dtype or kept) if kept.is_floating_point else kept
+
+    entries = [(n, reference.shape(n), stored(n)) for n in names]
+    tensors = ((n, t.to(stored(n))) for n, t in engine.merged(read))
     copy = reference.config_files() or next((m.config_files() for m in models if m.config_files()), [])
-    return write_checkpoint(out, entries, engine.merged(read), max_shard_bytes, copy, extra_files, metadata)
+    return write_checkpoint(out, entries, tensors, max_shard_bytes, copy, extra_files, metadata)

@@ -7,6 +7,8 @@ functions on float32 tensors so that they can be tested and reused alone.
 
 Counting conventions: a `density` keeps ceil(density · n) entries (at least one), `gamma` drops floor(gamma · n)
 outliers (it may drop none in a small tensor); magnitude thresholds keep every entry tied with the threshold.
+`conventions: mergekit` follows mergekit 0.1.5 instead (max(1, int(density · n)) entries, exactly; a sign sum
+of 0 elects +; disjoint means divided by the agreeing weights; DARE rescaled to the L1 norm): see README.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from evomerge.errors import EvomergeError
 from evomerge.merge.base import (
     MERGE_METHODS,
     CheckedOptions,
+    Conventions,
     MergeContext,
     Merger,
     TensorGroup,
@@ -42,8 +45,11 @@ Scope = Literal["tensor", "model"]
 _FUZZ = 1e-12  # so that 0.3 · 10 = 3.0000000000000004 counts as 3
 
 
-def keep_count(density: float, n: int) -> int:
-    """How many entries a density keeps: ceil(density · n), at least one of a non-empty tensor."""
+def keep_count(density: float, n: int, conventions: Conventions = "evomerge") -> int:
+    """How many entries a density keeps: ceil(density · n), or mergekit's int(density · n) (every entry at
+    density >= 1); at least one of a non-empty tensor."""
+    if conventions == "mergekit":
+        return min(n, max(1, int(density * n))) if n else 0
     return min(n, max(1, math.ceil(density * n * (1 - _FUZZ)))) if n else 0
 
 
@@ -96,9 +102,21 @@ def dare_mask(shape: Sequence[int], drop_rate: float, seed: int, task: int, name
     return torch.rand(tuple(shape), generator=dare_generator(seed, task, name)) >= drop_rate
 
 
-def sparsify_random(tau: Tensor, drop_rate: float, keep: Tensor) -> Tensor:
-    """DARE: zero the dropped entries and rescale the survivors by 1/(1 − p) to keep the expectation."""
-    return torch.where(keep.to(tau.device), tau / (1.0 - drop_rate), torch.zeros_like(tau))
+def sparsify_top_k(tau: Tensor, k: int) -> Tensor:
+    """mergekit's TIES trim: exactly the k largest |τ|, ties broken by position (a stable sort's order)."""
+    return _keep_band(tau, 0, k)
+
+
+def sparsify_random(
+    tau: Tensor, drop_rate: float, keep: Tensor, rescale: Literal["inverse", "l1"] = "inverse"
+) -> Tensor:
+    """DARE: zero the dropped entries and rescale the survivors to keep the expectation, by 1/(1 − p), or (mergekit)
+    by |τ|₁ / |kept τ|₁, left unscaled when either norm is below 1e-7."""
+    if rescale == "inverse":
+        return torch.where(keep.to(tau.device), tau / (1.0 - drop_rate), torch.zeros_like(tau))
+    kept = tau * keep.to(tau.device)
+    before, after = tau.abs().sum(), kept.abs().sum()
+    return kept if before < 1e-7 or after < 1e-7 else kept * (before / after)
 
 
 def sparsify_outliers(tau: Tensor, density: float, gamma: float) -> Tensor:
@@ -106,25 +124,35 @@ def sparsify_outliers(tau: Tensor, density: float, gamma: float) -> Tensor:
 
     Ranks come from a stable sort, so ties are broken by position and the band has exactly the counted size.
     """
+    n = tau.numel()
+    return _keep_band(tau, drop_count(gamma, n), keep_count(density, n))
+
+
+def _keep_band(tau: Tensor, start: int, count: int) -> Tensor:
+    """τ with only the entries ranked start .. start + count − 1 by descending |τ| (stable ranks) kept."""
     flat = tau.reshape(-1)
-    n = flat.numel()
-    top = drop_count(gamma, n)
-    order = torch.sort(flat.abs(), descending=True, stable=True).indices
-    band = order[top : top + keep_count(density, n)]
+    band = torch.sort(flat.abs(), descending=True, stable=True).indices[start : start + count]
     out = torch.zeros_like(flat)
     out[band] = flat[band]
     return out.reshape(tau.shape)
 
 
-def elect_signs(taus: Tensor) -> Tensor:
-    """TIES sign election on stacked task vectors: sign(Σ_i τ_i) per coordinate (0 where the sum is 0)."""
-    return torch.sign(taus.sum(dim=0))
+def elect_signs(taus: Tensor, conventions: Conventions = "evomerge") -> Tensor:
+    """TIES sign election on stacked task vectors: sign(Σ_i τ_i) per coordinate (0 where the sum is 0, where
+    mergekit elects +)."""
+    total = taus.sum(dim=0)
+    if conventions == "mergekit":
+        return torch.where(total >= 0, 1.0, -1.0).to(taus.dtype)
+    return torch.sign(total)
 
 
-def aggregate(taus: Tensor, mode: Aggregate, signs: Tensor | None = None) -> Tensor:
+def aggregate(
+    taus: Tensor, mode: Aggregate, signs: Tensor | None = None, weights: Sequence[float] | None = None
+) -> Tensor:
     """Combine stacked task vectors; with `signs`, only entries agreeing with the elected sign take part.
 
-    `disjoint_mean` divides by the number of non-zero (agreeing) entries per coordinate, as in TIES.
+    `disjoint_mean` divides by the number of non-zero (agreeing) entries per coordinate, as in TIES, or, given the
+    models' `weights` (mergekit), by the sum of the agreeing models' weights (1 where that sum is 0).
     """
     if signs is not None:
         agree = (taus * signs) > 0  # zero entries never agree: they add nothing and are not counted
@@ -135,7 +163,11 @@ def aggregate(taus: Tensor, mode: Aggregate, signs: Tensor | None = None) -> Ten
         return taus.sum(dim=0)
     if mode == "mean":
         return taus.mean(dim=0)
-    return taus.sum(dim=0) / agree.sum(dim=0).clamp(min=1)
+    if weights is None:
+        return taus.sum(dim=0) / agree.sum(dim=0).clamp(min=1)
+    w = torch.tensor(weights, dtype=taus.dtype, device=taus.device).view(-1, *[1] * (taus.dim() - 1))
+    divisor = (agree * w).sum(dim=0)
+    return taus.sum(dim=0) / torch.where(divisor == 0, 1.0, divisor)
 
 
 def per_task_values(value: float | list[float]) -> list[float]:
@@ -167,7 +199,8 @@ class Pipeline(CheckedOptions):
     """Every stage of the task-vector pipeline; registered as `task_vectors`, and what each preset builds.
 
     `scale` is λ (LiNeS's α); with `beta` ≠ 0 the scale grows with depth as λ(l) = scale + beta · l/(L − 1).
-    `weights` multiply each τ_i after sparsification, before sign election.
+    `weights` multiply each τ_i after sparsification, before sign election. `conventions: mergekit` counts, elects
+    and rescales as mergekit 0.1.5 does (module docstring).
     """
 
     sparsify: Sparsify = "none"
@@ -181,6 +214,7 @@ class Pipeline(CheckedOptions):
     weights: list[float] | None = None
     scale: float = 1.0
     beta: float = 0.0
+    conventions: Conventions = "evomerge"
 
     def check(self, path: str) -> None:
         super().check(path)
@@ -200,13 +234,24 @@ class Pipeline(CheckedOptions):
                 field_path(path, "scope"),
                 f"'model' needs sparsify 'magnitude', got {self.sparsify!r}",
             )
+        if self.conventions == "mergekit":
+            require(self.scope == "tensor", field_path(path, "scope"), "mergekit's conventions are per tensor")
+            require(
+                self.sparsify != "outliers",
+                field_path(path, "conventions"),
+                "mergekit's breadcrumbs conventions are not implemented; use evomerge's",
+            )
 
     def sparsified(self, task: int, name: str, tau: Tensor, context: MergeContext, method: str) -> Tensor:
         density, drop_rate = for_task(self.density, task), for_task(self.drop_rate, task)
+        mergekit = self.conventions == "mergekit"
+        if self.sparsify == "magnitude" and mergekit:
+            return sparsify_top_k(tau, keep_count(density, tau.numel(), "mergekit"))
         if self.sparsify == "magnitude":
             return sparsify_magnitude(tau, density, self._threshold(task, name, context, method))
         if self.sparsify == "random":
-            return sparsify_random(tau, drop_rate, dare_mask(tau.shape, drop_rate, self.seed, task, name))
+            keep = dare_mask(tau.shape, drop_rate, self.seed, task, name)
+            return sparsify_random(tau, drop_rate, keep, "l1" if mergekit else "inverse")
         if self.sparsify == "outliers":
             return sparsify_outliers(tau, density, self.gamma)
         return tau
@@ -226,18 +271,28 @@ class Pipeline(CheckedOptions):
             value = getattr(self, knob)
             if isinstance(value, list) and len(value) != len(tensors):
                 raise EvomergeError(f"method {method!r}: got {len(value)} {knob} values for {len(tensors)} models")
+        if self.is_linear:
+            return weighted_sum([base, *tensors], self.linear_weights(name, len(tensors), context))
         lam = depth_scale(self.scale, self.beta, context.layer, context.num_layers, name)
-        if self.sparsify == "none" and self.consensus == "none" and self.aggregate in ("sum", "mean"):
-            # no per-entry stage: θ0 + λ Σ c_i (θ_i − θ0) is one weighted sum, with no task vector built
-            c = [lam * w for w in (self.weights or [1.0] * len(tensors))]
-            if self.aggregate == "mean":
-                c = [v / len(tensors) for v in c]
-            return weighted_sum([base, *tensors], [1.0 - sum(c), *c])
         taus = torch.stack([self.sparsified(i, name, t - base, context, method) for i, t in enumerate(tensors)])
         if self.weights is not None:
             taus = taus * torch.tensor(self.weights, dtype=taus.dtype, device=taus.device).view(-1, *[1] * base.dim())
-        signs = elect_signs(taus) if self.consensus == "elect" else None
-        return base + lam * aggregate(taus, self.aggregate, signs)
+        signs = elect_signs(taus, self.conventions) if self.consensus == "elect" else None
+        weights = (self.weights or [1.0] * len(tensors)) if self.conventions == "mergekit" else None
+        return base + lam * aggregate(taus, self.aggregate, signs, weights)
+
+    @property
+    def is_linear(self) -> bool:
+        """No per-entry stage: θ0 + λ Σ c_i (θ_i − θ0) is one weighted sum of the inputs, with no task vector built."""
+        return self.sparsify == "none" and self.consensus == "none" and self.aggregate in ("sum", "mean")
+
+    def linear_weights(self, name: str, count: int, context: MergeContext) -> list[float]:
+        """The weights of [θ0, *θ_i] in that sum."""
+        lam = depth_scale(self.scale, self.beta, context.layer, context.num_layers, name)
+        c = [lam * w for w in (self.weights or [1.0] * count)]
+        if self.aggregate == "mean":
+            c = [v / count for v in c]
+        return [1.0 - sum(c), *c]
 
     def prepare(self, groups: Iterable[TensorGroup]) -> list[float]:
         return global_magnitude_thresholds(([t - g.base for t in g.tensors] for g in groups), self.density)
@@ -249,7 +304,16 @@ class Pipeline(CheckedOptions):
 
         two_pass = self.sparsify == "magnitude" and self.scope == "model"
         prepare = self.prepare if two_pass else None
-        return Merger(method, kernel, needs_base=True, weights=self.weights, prepare_fn=prepare, options=options)
+        linear_fn = self.linear_weights if self.is_linear else None
+        return Merger(
+            method,
+            kernel,
+            needs_base=True,
+            weights=self.weights,
+            prepare_fn=prepare,
+            options=options,
+            linear_fn=linear_fn,
+        )
 
 
 @dataclass(kw_only=True)
@@ -324,6 +388,7 @@ class TiesOptions(_ScaledPreset):
     density: float | list[float] = 0.2
     scope: Scope = "tensor"
     aggregate: Literal["mean", "sum"] = "mean"
+    conventions: Conventions = "evomerge"
 
     def stages(self) -> dict[str, object]:
         return {**self.fixed, "aggregate": "disjoint_mean" if self.aggregate == "mean" else "sum"}
@@ -338,6 +403,7 @@ class DareOptions(_ScaledPreset):
     seed: int = 0
     consensus: Consensus = "none"
     aggregate: Aggregate = "sum"
+    conventions: Conventions = "evomerge"
 
 
 @preset("breadcrumbs", "Model Breadcrumbs: drop the top gamma and the small entries of |τ|", sparsify="outliers")

@@ -24,7 +24,7 @@ from evomerge.schema import require
 from evomerge.space import SPACES
 from evomerge.weights import Layout
 from evomerge.weights.blocks import block_map, check_block_options
-from evomerge.weights.seed_models import SeedModels, as_seed_models, write_tensors
+from evomerge.weights.seed_models import SeedModels, as_seed_models
 
 Per = Literal["global", "model", "block", "model_block"]
 PER_MODEL_KNOBS = ("weights", "density", "drop_rate")  # knobs that may hold one value per model
@@ -161,14 +161,17 @@ class MergeGenesSpace:
                 plan[key] = getattr(self.options, key)
         return plan
 
-    def tensors(self, genome: np.ndarray) -> Iterator[tuple[str, torch.Tensor]]:
+    def engine(self, genome: np.ndarray) -> MergeEngine:
         blocks = self.blockmap
         per_block = {name: self.merge_component(genome, b) for b, name in enumerate(blocks.blocks)}
-        engine = MergeEngine(per_block[blocks.blocks[0]], list(self.layout.names), blocks, per_block, self.tied)
-        return engine.merged(self.read)
+        return MergeEngine(per_block[blocks.blocks[0]], list(self.layout.names), blocks, per_block, self.tied)
+
+    def tensors(self, genome: np.ndarray) -> Iterator[tuple[str, torch.Tensor]]:
+        return self.engine(genome).merged(self.read)
 
     def write(self, genome: np.ndarray, out: dict[str, torch.Tensor]) -> None:
-        write_tensors(self.tensors(genome), out)
+        for _ in self.engine(genome).merged(self.read, out=out):
+            pass
 
     def new_buffers(self) -> dict[str, torch.Tensor]:
         return self.seeds.allocate()

@@ -18,11 +18,12 @@ import torch
 
 from evomerge.errors import SpecError
 from evomerge.merge import slerp_coefficients
+from evomerge.merge.base import sum_scratch, weighted_sum_into
 from evomerge.schema import require
 from evomerge.space import SPACES
 from evomerge.weights import Layout
 from evomerge.weights.blocks import block_map, check_block_options
-from evomerge.weights.seed_models import SeedModels, as_seed_models, write_tensors
+from evomerge.weights.seed_models import SeedModels, as_seed_models
 
 
 @dataclass
@@ -132,24 +133,29 @@ class RecipeSpace:
         """Each seed model itself: coefficient 1 on seed k in every block."""
         return [np.tile(np.eye(self.n_seeds)[k], self.n_blocks).astype(np.float32) for k in range(self.n_seeds)]
 
-    def tensors(self, genome: np.ndarray) -> Iterator[tuple[str, torch.Tensor]]:
-        """Each tensor Σ_k C[b, k] θ_k in float32, one at a time in a reused scratch buffer (valid until the next)."""
-        coefficients = self.coefficients(genome).astype(np.float32)
-        if self._scratch is None:
-            self._scratch = self.seeds.scratch()
-        with torch.no_grad():
-            for name, shape in zip(self.layout.names, self.layout.shapes):
-                flats = [self.seeds.tensor(k, name).reshape(-1) for k in range(self.n_seeds)]
-                out = self._scratch[: flats[0].numel()]
-                for block, lo, hi in self.pieces[name]:
-                    part = out[lo:hi]
-                    part.copy_(flats[0][lo:hi]).mul_(float(coefficients[block, 0]))
-                    for k in range(1, self.n_seeds):
-                        part.add_(flats[k][lo:hi], alpha=float(coefficients[block, k]))
-                yield name, out.view(shape)
-
     def write(self, genome: np.ndarray, out: dict[str, torch.Tensor]) -> None:
-        write_tensors(self.tensors(genome), out)
+        """Each tensor Σ_k C[b, k] θ_k, computed in float32 straight into `out` (see `weighted_sum_into`)."""
+        coefficients = self.coefficients(genome).astype(np.float32)
+        for name in self.layout.names:
+            self._write_tensor(name, coefficients, out[name])
+
+    def tensors(self, genome: np.ndarray) -> Iterator[tuple[str, torch.Tensor]]:
+        """One tensor at a time, in the seeds' dtype (to write a model to a file)."""
+        coefficients = self.coefficients(genome).astype(np.float32)
+        device = self.seeds.device or torch.device("cpu")
+        for name, shape in zip(self.layout.names, self.layout.shapes):
+            out = torch.empty(shape, dtype=self.seeds.dtypes[name], device=device)
+            self._write_tensor(name, coefficients, out)
+            yield name, out
+
+    def _write_tensor(self, name: str, coefficients: np.ndarray, out: torch.Tensor) -> None:
+        if self._scratch is None or self._scratch.device != out.device:
+            self._scratch = sum_scratch(out.device)
+        flats = [self.seeds.tensor(k, name).reshape(-1) for k in range(self.n_seeds)]
+        target = out.view(-1)
+        for block, lo, hi in self.pieces[name]:
+            sources = [f[lo:hi].to(out.device) for f in flats]
+            weighted_sum_into(target[lo:hi], sources, coefficients[block].tolist(), self._scratch)
 
     def new_buffers(self) -> dict[str, torch.Tensor]:
         return self.seeds.allocate()

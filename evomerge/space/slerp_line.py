@@ -9,10 +9,11 @@ import torch
 
 from evomerge.errors import SpecError
 from evomerge.merge import slerp_coefficients
+from evomerge.merge.base import sum_scratch, weighted_sum_into
 from evomerge.merge.methods import slerp_model_stats
 from evomerge.space import SPACES
 from evomerge.weights import Layout
-from evomerge.weights.seed_models import SeedModels, as_seed_models, write_tensors
+from evomerge.weights.seed_models import SeedModels, as_seed_models
 
 
 class SlerpLineSpace:
@@ -23,19 +24,25 @@ class SlerpLineSpace:
         self.low, self.high = np.zeros(1), np.ones(1)
         pairs = ((self.seeds.tensor(0, n), self.seeds.tensor(1, n)) for n in layout.names)
         self._stats = slerp_model_stats(pairs)  # one angle over the whole models, accumulated in float64
+        self._scratch: torch.Tensor | None = None
 
     def initial(self) -> list[np.ndarray]:
         return []
 
-    def tensors(self, genome: np.ndarray) -> Iterator[tuple[str, torch.Tensor]]:
-        ca, cb = slerp_coefficients(float(genome[0]), *self._stats)
-        with torch.no_grad():
-            for name in self.layout.names:
-                a, b = self.seeds.tensor(0, name), self.seeds.tensor(1, name)
-                yield name, a.to(torch.float32, copy=True).mul_(ca).add_(b, alpha=cb)
-
     def write(self, genome: np.ndarray, out: dict[str, torch.Tensor]) -> None:
-        write_tensors(self.tensors(genome), out)
+        for name in self.layout.names:
+            self._write_tensor(genome, name, out[name])
+
+    def tensors(self, genome: np.ndarray) -> Iterator[tuple[str, torch.Tensor]]:
+        for name, shape in zip(self.layout.names, self.layout.shapes):
+            out = torch.empty(shape, dtype=self.seeds.dtypes[name], device=self.seeds.device or "cpu")
+            yield name, self._write_tensor(genome, name, out)
+
+    def _write_tensor(self, genome: np.ndarray, name: str, out: torch.Tensor) -> torch.Tensor:
+        ca, cb = slerp_coefficients(float(genome[0]), *self._stats)
+        if self._scratch is None or self._scratch.device != out.device:
+            self._scratch = sum_scratch(out.device)
+        return weighted_sum_into(out, [self.seeds.tensor(0, name), self.seeds.tensor(1, name)], [ca, cb], self._scratch)
 
     def new_buffers(self) -> dict[str, torch.Tensor]:
         return self.seeds.allocate()
