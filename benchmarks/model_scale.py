@@ -25,7 +25,6 @@ import json
 import math
 import os
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -96,8 +95,16 @@ def write_seeds(size: str, root: Path) -> list[Path]:
     return folders
 
 
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def rss_mb(field: str = "VmHWM") -> float:
+    """This process's peak (VmHWM) or current (VmRSS) resident set; not ru_maxrss, which a process started by
+    fork and exec inherits from its parent."""
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith(field + ":")) / 1024
+
+
+def reset_peak() -> None:
+    with open("/proc/self/clear_refs", "w") as refs:
+        refs.write("5")
 
 
 def build_space(method: str, seeds: Any) -> Any:
@@ -135,7 +142,7 @@ def driver_role(folders: list[Path], out: Path, evaluations: int) -> dict[str, A
     best = strategy.best()[0]
     write_model(out / "best.safetensors", space, best, seeds.dtypes)
     return {
-        "driver_peak_rss_mb": round(peak_rss_mb(), 1),
+        "driver_peak_rss_mb": round(rss_mb(), 1),
         "driver_search_s": round(searched, 1),
         "best_written_s": round(time.perf_counter() - start - searched, 1),
         "strategy_state_kb": round(
@@ -176,6 +183,9 @@ def worker_role(seeds: Any, methods: list[str], repeat: int) -> dict[str, Any]:
     for method in methods:
         space = build_space(method, seeds)
         genome = candidate(space, rng)
+        before = rss_mb("VmRSS") if device.type == "cpu" else 0.0
+        if device.type == "cpu":
+            reset_peak()
         seconds = timed(lambda: space.write(genome, buffers), repeat, device)  # noqa: B023 - used at once
         rows.append(
             {
@@ -183,6 +193,11 @@ def worker_role(seeds: Any, methods: list[str], repeat: int) -> dict[str, Any]:
                 "seconds": round(seconds, 4),
                 "gb_per_s": round(model_bytes / seconds / 1e9, 2),
                 "share_of_copy_rate": round(copy_s / seconds, 3),
+                **(
+                    {"peak_rss_mb": round(rss_mb(), 1), "rss_growth_mb": round(rss_mb() - before, 1)}
+                    if device.type == "cpu"
+                    else {}
+                ),
             }
         )
     return {
@@ -196,33 +211,44 @@ def worker_role(seeds: Any, methods: list[str], repeat: int) -> dict[str, Any]:
 def cpu_worker(folders: list[Path], methods: list[str], repeat: int) -> dict[str, Any]:
     from evomerge.weights.seed_models import SeedModels
 
-    baseline = peak_rss_mb()
+    baseline = rss_mb("VmRSS")
     lazy = SeedModels.from_files(folders)
     seeds = lazy.resident("cpu")
+    loaded_peak = rss_mb()
     result = worker_role(seeds, methods, repeat)
     model_mb = seeds.nbytes() / 2**20
     result |= {
-        "worker_peak_rss_mb": round(peak_rss_mb(), 1),
+        "worker_rss_mb": round(rss_mb("VmRSS"), 1),
+        "worker_peak_rss_mb": round(max([loaded_peak] + [r["peak_rss_mb"] for r in result["methods"]]), 1),
         "worker_rss_before_seeds_mb": round(baseline, 1),
         "goal_mb": round(len(seeds) * model_mb + 1.2 * model_mb, 1),
     }
     return result
 
 
-def gpu_worker(shape: str, methods: list[str], repeat: int) -> dict[str, Any]:
+def gpu_worker(shape: str, methods: list[str], repeat: int, chunks: list[int]) -> dict[str, Any]:
+    from evomerge.merge.base import SUM_CHUNK
     from evomerge.weights.layout import Layout
     from evomerge.weights.seed_models import SeedModels
 
     tensors = llama_tensors(shape)
     layout = Layout(tuple(n for n, _ in tensors), tuple(s for _, s in tensors))
-    models = [{n: seed_tensor(s, i, variant, "cuda") for i, (n, s) in enumerate(tensors)} for variant in range(3)]
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # the CPU only to try the script out
+    models = [{n: seed_tensor(s, i, variant, device) for i, (n, s) in enumerate(tensors)} for variant in range(3)]
     seeds = SeedModels.from_tensors(models, layout)
     result = worker_role(seeds, methods, repeat)
+    linear = [m for m in methods if m in ("recipe (linear)", "task_arithmetic")]
+    default = SUM_CHUNK["cuda"]
+    result["chunk_sweep"] = {}
+    for chunk in chunks:  # the weighted sums' chunk (elements of float32 partial sums kept in L2)
+        SUM_CHUNK["cuda"] = chunk
+        result["chunk_sweep"][str(chunk)] = worker_role(seeds, linear, repeat)["methods"]
+    SUM_CHUNK["cuda"] = default
     result |= {
-        "gpu": torch.cuda.get_device_name(),
+        "gpu": torch.cuda.get_device_name() if device == "cuda" else "none",
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
-        "peak_gpu_memory_gb": round(torch.cuda.max_memory_allocated() / 1e9, 1),
+        "peak_gpu_memory_gb": round(torch.cuda.max_memory_allocated() / 1e9, 1) if device == "cuda" else None,
         "seeds_gb": round(len(seeds) * seeds.nbytes() / 1e9, 1),
     }
     return result
@@ -255,6 +281,7 @@ def main() -> None:
     parser.add_argument("--sizes", nargs="+", default=["0.5b", "2b"], choices=sorted(SHAPES))
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--gpu-shape", default="7b", choices=sorted(SHAPES))
+    parser.add_argument("--gpu-chunks", nargs="*", type=int, default=[], help="weighted-sum chunk sizes to compare")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--evaluations", type=int, default=200)
@@ -276,7 +303,7 @@ def main() -> None:
     if args.device == "cuda":
         result = {
             "machine": machine,
-            "gpu": gpu_worker(args.gpu_shape, args.methods, args.repeat),
+            "gpu": gpu_worker(args.gpu_shape, args.methods, args.repeat, args.gpu_chunks),
             "shape": args.gpu_shape,
         }
         (out / "model_scale_gpu.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -333,3 +333,34 @@ def test_runtime_env_refused_when_ray_was_started_by_the_caller(tmp_path):
     options = ExecutorSpec(name="ray", address="auto", workers=1, runtime_env={"env_vars": {"A": "1"}})
     with pytest.raises(EvomergeError, match=r"runtime\.executor\.runtime_env: Ray was already started in this process"):
         RayExecutor(spec.to_plain(), tmp_path / "seeds", options)
+
+
+def test_the_driver_holds_only_the_search(tmp_path, monkeypatch, capsys):
+    """With Ray evaluating, the driver process builds no evaluator and makes no seed resident: bf16 seed folders
+    stay on disk (read a tensor at a time for the recipe's angles and the best model), objectives are checked
+    against what a worker reports, and test passes run on the workers."""
+    import evomerge.runtime.driver as driver
+    from evomerge.weights.seed_models import SeedModels
+    from tests.test_model_scale import wine_folders
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the driver of a Ray run built an evaluator or loaded seed tensors")
+
+    monkeypatch.setattr(driver, "build_evaluator", refuse)
+    monkeypatch.setattr(SeedModels, "resident", refuse)
+    spec = yaml.safe_load(spec_with(tmp_path, "lean", budget=30).read_text())
+    spec["evaluator"] = {"name": "classification", "dataset": "wine", "hidden": [8], "device": "cpu"}
+    spec["models"] = {"init": "files", "paths": [str(p) for p in wine_folders(tmp_path)]}
+    spec["space"] = {"name": "recipe", "blocks": "layer"}
+    spec["strategy"]["mutation_std"] = 0.0
+    assert main(["run", str(write_spec(tmp_path / "lean.yaml", spec)), "--quiet"]) == 0
+    summary, entries = finished(tmp_path, "lean")
+    assert summary["evaluations"] == 30 and summary["failures"] == 0
+    assert summary["test"]["accuracy"] > 0  # the best individual's test pass, done by a worker
+    spec["space"] = {"name": "merge", "methods": ["task_arithmetic"]}
+    spec["strategy"] = {"name": "map", "objectives": {"accuracy": "max", "accuracy_nope": "max"}}
+    spec["name"] = "lean-bad-objective"
+    capsys.readouterr()
+    assert main(["run", str(write_spec(tmp_path / "bad.yaml", spec)), "--quiet"]) == 2
+    assert "accuracy_nope" in capsys.readouterr().err
+    assert not (tmp_path / "runs" / "lean-bad-objective").exists()

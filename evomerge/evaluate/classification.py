@@ -100,9 +100,9 @@ class ClassificationEvaluator:
             got = tuple(params[name].shape) if name in params else None
             if got != shape:
                 raise ShapeMismatchError(f"parameter {name!r} has shape {got}, the model needs {shape}")
-        if self.device.type == "cpu":
+        if self.device.type == "cpu" and all(v.dtype == torch.float32 for v in params.values()):
             return params
-        return {k: v.to(self.device, non_blocking=True) for k, v in params.items()}
+        return {k: v.to(self.device, torch.float32, non_blocking=True) for k, v in params.items()}  # bf16 seeds too
 
     @torch.no_grad()
     def correct(self, params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> np.ndarray:

@@ -59,6 +59,7 @@ def block_ranges(layout: Layout, options: RecipeOptions) -> list[tuple[int, int]
 
 
 GRAM_CHUNK = 1 << 20  # elements of the seed stack cast to float64 at a time
+READ_CHUNK = 1 << 24  # elements of each seed taken at a time when writing a tensor
 
 
 def block_gram(block: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -115,14 +116,18 @@ class RecipeSpace:
 
     @property
     def gram(self) -> np.ndarray:
-        """(B, K, K) per-block Gram matrices, computed on the first crossover by one pass over the seeds, a tensor
-        at a time (a worker that only materialises never needs them)."""
+        """(B, K, K) per-block Gram matrices, computed on the first crossover by one pass over the seeds, a slice
+        at a time (from files, only that slice is read), so the driver never holds whole tensors."""
         if self._gram is None:
             gram = np.zeros((self.n_blocks, self.n_seeds, self.n_seeds))
+            width = max(1, GRAM_CHUNK // self.n_seeds)
             for name in self.layout.names:
-                flats = [self.seeds.tensor(k, name).reshape(-1) for k in range(self.n_seeds)]
                 for block, lo, hi in self.pieces[name]:
-                    gram[block] += block_gram(torch.stack([f[lo:hi] for f in flats]))
+                    for start in range(lo, hi, width):
+                        end = min(hi, start + width)
+                        gram[block] += block_gram(
+                            torch.stack([self.seeds.slice(k, name, start, end) for k in range(self.n_seeds)])
+                        )
             self._gram = gram
         return self._gram
 
@@ -151,11 +156,12 @@ class RecipeSpace:
     def _write_tensor(self, name: str, coefficients: np.ndarray, out: torch.Tensor) -> None:
         if self._scratch is None or self._scratch.device != out.device:
             self._scratch = sum_scratch(out.device)
-        flats = [self.seeds.tensor(k, name).reshape(-1) for k in range(self.n_seeds)]
         target = out.view(-1)
         for block, lo, hi in self.pieces[name]:
-            sources = [f[lo:hi].to(out.device) for f in flats]
-            weighted_sum_into(target[lo:hi], sources, coefficients[block].tolist(), self._scratch)
+            for start in range(lo, hi, READ_CHUNK):  # seeds left in files are read a slice at a time
+                end = min(hi, start + READ_CHUNK)
+                sources = [self.seeds.slice(k, name, start, end).to(out.device) for k in range(self.n_seeds)]
+                weighted_sum_into(target[start:end], sources, coefficients[block].tolist(), self._scratch)
 
     def new_buffers(self) -> dict[str, torch.Tensor]:
         return self.seeds.allocate()

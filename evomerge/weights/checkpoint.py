@@ -90,6 +90,12 @@ class Checkpoint:
         """The safetensors files the tensors are read from."""
         return sorted({reader.path for reader in self._readers.values()})
 
+    def read_range(self, name: str, start: int, end: int) -> torch.Tensor:
+        """Elements [start, end) of the flattened tensor."""
+        if name in self._readers:
+            return self._readers[name].read_range(name, start, end)
+        return self._loaded[name].reshape(-1)[start:end]
+
     def nbytes(self) -> int:
         return sum(tensor_bytes(self.shape(n), self.dtype(n)) for n in self.names())
 

@@ -74,6 +74,19 @@ class SafetensorsReader:
             return torch.empty(entry["shape"], dtype=dtype)
         return torch.frombuffer(buffer, dtype=dtype).reshape(entry["shape"])
 
+    def read_range(self, name: str, start: int, end: int) -> torch.Tensor:
+        """Elements [start, end) of the flattened tensor, reading only their bytes (a slice of a tensor too large
+        to hold several copies of)."""
+        entry = self.entries[name]
+        dtype = DTYPES[entry["dtype"]]
+        size = torch.empty((), dtype=dtype).element_size()
+        buffer = bytearray((end - start) * size)
+        with open(self.path, "rb") as f:
+            f.seek(self.data_start + entry["data_offsets"][0] + start * size)
+            if f.readinto(buffer) != len(buffer):
+                raise EvomergeError(f"{self.path}: tensor {name!r} is truncated")
+        return torch.frombuffer(buffer, dtype=dtype) if buffer else torch.empty(0, dtype=dtype)
+
 
 def tensor_bytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
     return math.prod(shape) * torch.empty((), dtype=dtype).element_size()

@@ -21,6 +21,7 @@ from evomerge.weights.checkpoint import Checkpoint
 from evomerge.weights.layout import Layout
 
 Read = Callable[[str], Tensor]
+Slice = Callable[[str, int, int], Tensor]
 
 LARGEST_BUFFER_SHARE = 0.2  # besides one model's buffers, a candidate needs float32 scratch for its largest tensor
 
@@ -33,9 +34,11 @@ class SeedModels:
         labels: Sequence[str],
         dtypes: dict[str, torch.dtype],
         device: torch.device | None = None,
+        slicers: Sequence[Slice] | None = None,
     ):
         self.layout = layout
         self._readers = list(readers)
+        self._slicers = list(slicers) if slicers is not None else [_slicer(r) for r in self._readers]
         self.labels = list(labels)  # where each seed comes from, for messages
         self.dtypes = dtypes
         self.device = device  # None while the tensors stay in their files
@@ -80,7 +83,7 @@ class SeedModels:
                 _check_names(layout, shapes, label, f"{labels[0]} has")
         dtypes = {name: first.dtype(name) for name in layout.names}
         _check_dtypes(dtypes, [{n: c.dtype(n) for n in layout.names} for c in checkpoints], labels)
-        return cls(layout, [c.read for c in checkpoints], labels, dtypes)
+        return cls(layout, [c.read for c in checkpoints], labels, dtypes, slicers=[c.read_range for c in checkpoints])
 
     def __len__(self) -> int:
         return len(self._readers)
@@ -89,6 +92,10 @@ class SeedModels:
         """Seed k's tensor `name`, in its dtype (on the resident device, or fresh from its file)."""
         return self._readers[k](name)
 
+    def slice(self, k: int, name: str, start: int, end: int) -> Tensor:
+        """Elements [start, end) of seed k's flattened tensor `name`; from a file, only those bytes are read."""
+        return self._slicers[k](name, start, end)
+
     def flat(self, k: int) -> np.ndarray:
         """Seed k as one float32 vector (the `weights` space; small models only)."""
         return self.layout.flatten({n: self.tensor(k, n).cpu() for n in self.layout.names}, source=self.labels[k])
@@ -96,10 +103,6 @@ class SeedModels:
     def nbytes(self) -> int:
         """One model's bytes in its dtypes."""
         return sum(math.prod(s) * self.dtypes[n].itemsize for n, s in zip(self.layout.names, self.layout.shapes))
-
-    def largest(self) -> int:
-        """Elements of the largest tensor: the float32 scratch a merged tensor needs."""
-        return max((math.prod(s) for s in self.layout.shapes), default=0)
 
     def resident(self, device: torch.device | str = "cpu") -> SeedModels:
         """Every seed read once onto `device` in its dtype, after checking that they and one candidate fit there."""
@@ -116,9 +119,9 @@ class SeedModels:
             for name, shape in zip(self.layout.names, self.layout.shapes)
         }
 
-    def scratch(self) -> Tensor:
-        """A float32 buffer as large as the largest tensor, for per-tensor arithmetic without allocations."""
-        return torch.empty(self.largest(), dtype=torch.float32, device=self.device or torch.device("cpu"))
+
+def _slicer(read: Read) -> Slice:
+    return lambda name, start, end: read(name).reshape(-1)[start:end]
 
 
 def _floating(checkpoint: Checkpoint) -> list[str]:
