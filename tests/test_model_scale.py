@@ -280,3 +280,20 @@ def test_the_weights_space_refuses_a_model_above_its_limit_naming_recipe_and_mer
     err = capsys.readouterr().err
     assert "above the limit of 100" in err and "'recipe'" in err and "'merge'" in err
     assert not (tmp_path / "runs" / "hf").exists()
+
+
+def test_seeds_that_do_not_fit_the_gpu_are_refused_before_any_is_loaded(monkeypatch):
+    """The check a GPU worker makes before making its seeds resident (exercised here with the free memory the
+    CUDA runtime would report, no GPU needed)."""
+    from evomerge.errors import EvomergeError
+    from evomerge.weights.seed_models import check_device_memory
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (20 * 2**30, 80 * 2**30))
+    gib = 2**30
+    check_device_memory(torch.device("cuda"), 3 * 4 * gib, 4 * gib, ["a", "b", "c"])  # 12 + 4.8 GiB fit in 20
+    with pytest.raises(EvomergeError) as info:
+        check_device_memory(torch.device("cuda"), 3 * 14 * gib, 14 * gib, ["/m/a", "/m/b", "/m/c"])
+    message = str(info.value)
+    assert "3 seed models of 14.00 GiB each (/m/a, /m/b, /m/c)" in message
+    assert "need 58.8 GiB on cuda, which has 20.0 GiB free of 80.0 GiB" in message
+    check_device_memory(torch.device("cpu"), 10**15, 10**15, ["a"])  # the CPU is not checked
