@@ -1,4 +1,4 @@
-"""`evomerge run / resume / report / front / export / merge / ls`: the command line over specs and runs."""
+"""`evomerge run / resume / report / front / export / merge / fisher / ls`: the command line over specs and runs."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ EPILOG = """examples:
   evomerge run search_spaces/map_mnist_2tasks.yaml               # MAP trade-off front of 2 tasks
   evomerge front runs/map-mnist-2tasks                            # the front as a table
   evomerge export runs/map-mnist-2tasks --point 3                 # the merged model of front point 3
+  evomerge fisher spec.yaml --model math.safetensors --subset low # Fisher file for a `fisher` merge plan
   evomerge ls
 """
 
@@ -112,6 +113,29 @@ def _parser() -> argparse.ArgumentParser:
         help="other metrics to build the front from, e.g. accuracy_low:max,distance:min (default: the strategy's)",
     )
     front.add_argument("--plot", action="store_true", help="also redraw front.csv and plots/front.png")
+
+    fisher = sub.add_parser(
+        "fisher",
+        help="estimate a model's diagonal Fisher information on a spec's evaluator data (cached)",
+        description="Estimate the diagonal Fisher information of MODEL on the search split of SPEC's evaluator (the "
+        "mean over examples x, and over labels y weighted by the model's p(y | x), of the squared gradient of "
+        "log p(y | x), as Fisher merging takes it) and write it as a safetensors file: float32 tensors under the "
+        "model's tensor names, for the `fisher` merge method (a merge plan's `fishers:`). It is cached under "
+        "$EVOMERGE_CACHE/fisher/ (default ~/.cache/evomerge), keyed by the evaluator spec, the model's content "
+        "hash, --examples, --seed and --subset, so asking again is "
+        "instant. Prints the file's path.",
+    )
+    fisher.add_argument("spec", metavar="SPEC", help="a search spec; its evaluator gives the data and the model layout")
+    fisher.add_argument("--model", required=True, metavar="PATH", help="a safetensors file or an HF model folder")
+    fisher.add_argument("--examples", type=int, metavar="N", help="use N examples drawn with --seed (default: all)")
+    fisher.add_argument("--seed", type=int, default=0, help="which examples --examples draws (default: 0)")
+    fisher.add_argument(
+        "--subset",
+        metavar="NAME",
+        help="only this part of the search split: a class group (classification's groups) or a task (multitask's "
+        "tasks), e.g. the one MODEL was fine-tuned for (default: all of it)",
+    )
+    fisher.add_argument("--out", metavar="FILE", help="also write the Fisher file here (default: only the cache)")
 
     models = sub.add_parser(
         "build-models",
@@ -311,6 +335,24 @@ def cmd_front(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_fisher(args: argparse.Namespace) -> int:
+    from evomerge.fisher import estimate_fisher
+    from evomerge.runtime.threads import limit_threads
+    from evomerge.spec import load_spec
+    from evomerge.store.atomic import atomic_write_bytes
+
+    spec = load_spec(args.spec)
+    limit_threads(spec.runtime.threads)
+    found = estimate_fisher(spec.evaluator, args.model, args.examples, args.seed, args.subset)
+    path = found.path
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(args.out, found.path.read_bytes())
+        path = Path(args.out)
+    print(f"Fisher of {args.model} ({'cached' if found.cached else 'computed'}): {path}")
+    return 0
+
+
 def cmd_build_models(args: argparse.Namespace) -> int:
     from evomerge.evaluate import EVALUATORS
     from evomerge.seeds import build_seeds
@@ -347,6 +389,7 @@ COMMANDS = {
     "merge": cmd_merge,
     "export": cmd_export,
     "front": cmd_front,
+    "fisher": cmd_fisher,
     "build-models": cmd_build_models,
     "ls": cmd_ls,
 }

@@ -56,6 +56,31 @@ class RunBound(Protocol):
     def bind_run(self, run_dir: Path) -> None: ...
 
 
+@runtime_checkable
+class EstimatesFisher(Protocol):
+    """An evaluator that can estimate the diagonal Fisher information of given weights on its search split, for
+    Fisher merging (Matena & Raffel, 2022): `evomerge fisher` and a merge plan's `fisher_estimate` call it.
+
+    It is the Fisher of the model's own predictive distribution, as Matena & Raffel take it, not the "empirical"
+    Fisher of the true labels: F = mean over examples x of E_{y ~ p(y | x; θ)} (∂ log p(y | x; θ) / ∂θ)², squared
+    entry by entry. A classifier computes the expectation exactly (every label weighted by its probability); a
+    language model, whose labels are next tokens, may sample one token per position from its predictive (with
+    `seed`) and take the sequence's log-likelihood as the mean over positions. (On the digits specialists the
+    empirical Fisher of all examples merged far worse than plain averaging: a specialist's gradients are largest
+    on the classes it gets wrong, so it was trusted most where it knows least.)
+
+    `examples` caps how many examples are used (None: all), taken as a `seed`ed random subset, so that a large
+    model's Fisher costs `examples` backward passes (per label, for exact expectations); `subset` names a part of
+    the search split (a class group, a task, a dataset: whatever the evaluator calls its parts; None: all of it),
+    e.g. the task a fine-tuned model was trained for. Returns float32 CPU tensors, >= 0, with the `layout()`'s
+    names and shapes.
+    """
+
+    def fisher(
+        self, params: dict[str, torch.Tensor], examples: int | None, seed: int, subset: str | None = None
+    ) -> dict[str, torch.Tensor]: ...
+
+
 @dataclass
 class EvaluatorFacts:
     """What the driver may know of an evaluator it does not hold (a distributed run's is on the workers): enough to

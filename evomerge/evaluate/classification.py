@@ -13,6 +13,7 @@ from evomerge.data import DATASETS, load_dataset
 from evomerge.errors import EvomergeError, ShapeMismatchError
 from evomerge.evaluate import EVALUATORS
 from evomerge.evaluate.base import EvalResult
+from evomerge.evaluate.fisher import pick_examples, sum_fisher
 from evomerge.schema import did_you_mean, require
 from evomerge.weights import Layout
 
@@ -118,6 +119,24 @@ class ClassificationEvaluator:
 
     def test(self, params: dict[str, torch.Tensor]) -> dict[str, float]:
         return {"accuracy": float(self.correct(params, self.x_test, self.y_test).mean())}
+
+    def fisher(
+        self, params: dict[str, torch.Tensor], examples: int | None, seed: int, subset: str | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Diagonal Fisher on the train split (see `EstimatesFisher`); `subset` is one of `groups`."""
+        x = self.x_train
+        if subset is not None:
+            if subset not in self._group_masks:
+                valid = ", ".join(self._group_masks) or "none (the evaluator has no groups)"
+                raise EvomergeError(f"subset: got {subset!r}, the evaluator's groups are: {valid}")
+            x = x[torch.from_numpy(self._group_masks[subset]).to(self.device)]
+        x = x[pick_examples(len(x), examples, seed).to(self.device)]
+
+        def log_probs(p: dict[str, torch.Tensor], xi: torch.Tensor) -> torch.Tensor:
+            return F.log_softmax(mlp_forward(p, xi[None], self.n_layers), dim=1)[0]
+
+        sums = sum_fisher(log_probs, self._to_device(params), x, self.widths[-1])
+        return {k: (v / len(x)).cpu() for k, v in sums.items()}
 
     def train_specialist(self, flat: np.ndarray, classes: list[int], steps: int, lr: float) -> np.ndarray:
         """Full-batch Adam on the train examples of `classes` only (the paper's pre-trained setting)."""

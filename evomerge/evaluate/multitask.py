@@ -16,10 +16,11 @@ import torch.nn.functional as F
 
 from evomerge.data.mnist import load_mnist5k
 from evomerge.data.task_models import TaskModelsRecipe, backbone_layout, features, load_or_build, task_labels
-from evomerge.errors import ShapeMismatchError
+from evomerge.errors import EvomergeError, ShapeMismatchError
 from evomerge.evaluate import EVALUATORS
 from evomerge.evaluate.base import EvalResult
 from evomerge.evaluate.classification import resolve_device
+from evomerge.evaluate.fisher import LogProbs, pick_examples, sum_fisher
 from evomerge.schema import require
 from evomerge.weights import Layout
 
@@ -158,6 +159,38 @@ class MultiTaskEvaluator:
 
     def test(self, params: dict[str, torch.Tensor]) -> dict[str, float]:
         return self._metrics(params, "test")[0]
+
+    def fisher(
+        self, params: dict[str, torch.Tensor], examples: int | None, seed: int, subset: str | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Diagonal Fisher of the backbone on the validation split (see `EstimatesFisher`), each example through its
+        task's head; `subset` is a task (the one a fine-tuned backbone was trained for)."""
+        if subset is not None and subset not in self.tasks:
+            raise EvomergeError(f"subset: got {subset!r}, the evaluator's tasks are: {', '.join(self.tasks)}")
+        tasks = self.tasks if subset is None else [subset]
+        sizes = [len(self.splits["val"][t].y) for t in tasks]
+        index = pick_examples(sum(sizes), examples, seed)
+        params = self._to_device(params)
+        total = {k: torch.zeros_like(v) for k, v in params.items()}
+        start = 0
+        for task, size in zip(tasks, sizes):
+            mine = (index[(index >= start) & (index < start + size)] - start).to(self.device)
+            start += size
+            head = self.heads[task]
+            x = self.splits["val"][task].x[mine]
+            for name, value in sum_fisher(self._log_probs(task), params, x, head["bias"].numel()).items():
+                total[name] += value
+        return {k: (v / len(index)).cpu() for k, v in total.items()}
+
+    def _log_probs(self, task: str) -> LogProbs:
+        """log p(label | x) of one example through `task`'s head."""
+        head = self.heads[task]
+
+        def log_probs(p: dict[str, torch.Tensor], xi: torch.Tensor) -> torch.Tensor:
+            logits = torch.addmm(head["bias"], features(p, xi[None], self.n_layers), head["weight"])
+            return F.log_softmax(logits, dim=1)[0]
+
+        return log_probs
 
 
 @EVALUATORS.register("multitask", MultiTaskOptions, "merged MNIST-5k backbone scored per task through its own head")

@@ -8,6 +8,8 @@ max_shard_size: 5GB
 conventions: mergekit                   # optional: mergekit 0.1.5's conventions for the methods that differ
 dtype: float32                          # optional: read (and write) floating tensors in this dtype
 out_dtype: bfloat16                     # optional: write them in this dtype
+fishers: [fisher/math.safetensors, ...] # the `fisher` method's Fisher files, one per model, or instead:
+fisher_estimate: {spec: spec.yaml, examples: 512, subsets: [math, code]}   # computed (cached) by `evomerge fisher`
 
 A mergekit config (it names `merge_method`) is read as the plan it translates to (`evomerge.merge.mergekit`).
 """
@@ -43,6 +45,21 @@ def parse_size(text: str, path: str = "max_shard_size") -> int:
 
 
 @dataclass
+class FisherEstimate:
+    """Fisher files computed from a search spec's evaluator, one per model, as `evomerge fisher` computes them (and
+    through the same cache); `subsets` name the part of the search split each model was trained for."""
+
+    spec: str
+    examples: int | None = None
+    seed: int = 0
+    subsets: list[str] | None = None
+
+    def check(self, path: str) -> None:
+        if self.examples is not None:
+            require(self.examples >= 1, f"{path}.examples", f"got {self.examples}, must be >= 1")
+
+
+@dataclass
 class _RawPlan:
     method: Any
     models: list[str]
@@ -57,10 +74,17 @@ class _RawPlan:
     conventions: Conventions | None = None
     dtype: Literal["float32", "float16", "bfloat16"] | None = None
     out_dtype: Literal["float32", "float16", "bfloat16"] | None = None
+    fishers: list[str] | None = None
+    fisher_estimate: FisherEstimate | None = None
 
     def check(self, path: str) -> None:
         require(len(self.models) >= 1, "models", "needs at least one model path")
         check_block_options(path, self.block_by, self.layer_granularity, self.filters)
+        require(self.fishers is None or self.fisher_estimate is None, "fishers", "give fishers or fisher_estimate")
+        subsets = None if self.fisher_estimate is None else self.fisher_estimate.subsets
+        for name, values in (("fishers", self.fishers), ("fisher_estimate.subsets", subsets)):
+            if values is not None:
+                require(len(values) == len(self.models), name, f"got {len(values)}, need one per model")
 
 
 @dataclass
@@ -79,6 +103,8 @@ class MergePlan:
     dtype: torch.dtype | None = None
     out_dtype: torch.dtype | None = None
     extra_files: dict[str, str] = field(default_factory=dict)
+    fishers: list[Path] | None = None
+    fisher_estimate: FisherEstimate | None = None
 
     @classmethod
     def load(cls, path: str | Path, allow_pickle: bool = False) -> MergePlan:
@@ -96,6 +122,17 @@ class MergePlan:
             )
             for block, override in raw.blocks.items()
         }
+        uses_fisher = "fisher" in {method.name, *(m.name for m in block_methods.values())}
+        given = raw.fishers is not None or raw.fisher_estimate is not None
+        if uses_fisher and not given:
+            raise SpecError(
+                "fishers",
+                "method 'fisher' needs Fisher files: fishers: [one per model] or fisher_estimate: {spec: SPEC.yaml}",
+            )
+        if given and not uses_fisher:
+            raise SpecError(
+                "fishers" if raw.fishers is not None else "fisher_estimate", "only method 'fisher' uses them"
+            )
         return cls(
             method=method,
             block_methods=block_methods,
@@ -111,6 +148,8 @@ class MergePlan:
             dtype=None if raw.dtype is None else getattr(torch, raw.dtype),
             out_dtype=None if raw.out_dtype is None else getattr(torch, raw.out_dtype),
             extra_files=extra,
+            fishers=None if raw.fishers is None else [Path(f) for f in raw.fishers],
+            fisher_estimate=raw.fisher_estimate,
         )
 
     def run(self, out: str | Path) -> Path:
@@ -131,7 +170,20 @@ class MergePlan:
             blocks=blocks,
             dtype=self.dtype,
             out_dtype=self.out_dtype,
+            fishers=self.fisher_files(),
         )
+
+    def fisher_files(self) -> list[Checkpoint] | None:
+        """The plan's Fisher files, estimated first (or found in the cache) when it names a spec to estimate them."""
+        paths = self.fishers
+        if self.fisher_estimate is not None:
+            from evomerge.fisher import estimate_fishers
+            from evomerge.spec import load_spec
+
+            est = self.fisher_estimate
+            evaluator = load_spec(est.spec).evaluator
+            paths = [f.path for f in estimate_fishers(evaluator, self.models, est.examples, est.seed, est.subsets)]
+        return None if paths is None else [Checkpoint.open(p) for p in paths]
 
 
 def _with_conventions(method: Any, conventions: str | None) -> Any:
