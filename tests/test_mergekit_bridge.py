@@ -195,8 +195,6 @@ def test_unmappable_plans_say_why(tmp_path: Path):
     plan = {"method": {"name": "ties"}, "base": base, "models": [base], "blocks": {"head": {"name": "linear"}}}
     with pytest.raises(NotMappable, match="one merge_method"):
         mergekit_yaml(plan, names)
-    with pytest.raises(NotMappable, match="no merge plan"):
-        mergekit_yaml(None, names)
 
 
 @pytest.mark.parametrize(

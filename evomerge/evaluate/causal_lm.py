@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from evomerge.data.jsonl import read_jsonl
 from evomerge.errors import EvaluationError, EvomergeError, ShapeMismatchError
 from evomerge.evaluate import EVALUATORS
 from evomerge.evaluate.base import EvalResult
@@ -108,22 +109,6 @@ class _Split:
         return len(self.sequences)
 
 
-def _read_jsonl(path: Path) -> list[tuple[str, dict[str, Any]]]:
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise EvomergeError(f"{path}:{number}: not a JSON line ({err.msg})") from None
-            if not isinstance(row, dict):
-                raise EvomergeError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
-            rows.append((f"{path}:{number}", row))
-    return rows
-
-
 def _read_txt(path: Path, split: str) -> list[tuple[str, dict[str, Any]]]:
     """Paragraphs (blocks separated by blank lines) or non-blank lines, each with the line it starts on."""
     rows, block, start = [], [], 0
@@ -159,7 +144,7 @@ def load_examples(path: Path, kind: Kind, txt_split: str) -> list[tuple[str, dic
     """Read and check one dataset file; every problem names the file and line."""
     if not path.is_file():
         raise EvomergeError(f"dataset file {path} does not exist")
-    rows = _read_txt(path, txt_split) if path.suffix == ".txt" else _read_jsonl(path)
+    rows = _read_txt(path, txt_split) if path.suffix == ".txt" else read_jsonl(path)
     if not rows:
         raise EvomergeError(f"dataset file {path} has no examples")
     for where, row in rows:

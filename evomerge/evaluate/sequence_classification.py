@@ -10,7 +10,6 @@ and each candidate is written into its parameters (`ResidentModel`). Every text 
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -19,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from evomerge.data.jsonl import read_jsonl
 from evomerge.errors import EvomergeError
 from evomerge.evaluate import EVALUATORS
 from evomerge.evaluate.base import EvalResult
@@ -84,18 +84,11 @@ class SequenceClassificationOptions:
 def read_examples(path: str, text_field: str, label_field: str) -> tuple[list[str], list[Any]]:
     """Texts and raw labels of a jsonl file; a malformed line is refused with its line number."""
     texts, labels = [], []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise EvomergeError(f"{path}:{number}: not a JSON object ({err.msg})") from err
-            if not isinstance(row, dict) or not isinstance(row.get(text_field), str) or label_field not in row:
-                raise EvomergeError(f"{path}:{number}: needs a string {text_field!r} and a {label_field!r}")
-            texts.append(row[text_field])
-            labels.append(row[label_field])
+    for where, row in read_jsonl(path):
+        if not isinstance(row.get(text_field), str) or label_field not in row:
+            raise EvomergeError(f"{where}: needs a string {text_field!r} and a {label_field!r}")
+        texts.append(row[text_field])
+        labels.append(row[label_field])
     if not texts:
         raise EvomergeError(f"{path}: no examples")
     return texts, labels

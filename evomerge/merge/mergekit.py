@@ -368,10 +368,8 @@ def to_mergekit(plan: Mapping[str, Any], names: Sequence[str], out_dtype: str | 
     return config
 
 
-def mergekit_yaml(plan: Mapping[str, Any] | None, names: Sequence[str], out_dtype: str | None = None) -> str:
+def mergekit_yaml(plan: Mapping[str, Any], names: Sequence[str], out_dtype: str | None = None) -> str:
     """The text of `mergekit.yaml` for an export; NotMappable says why there is none."""
-    if plan is None:
-        raise NotMappable("this space writes no merge plan")
     if out_dtype is None:  # write what `evomerge merge` of the plan writes: the models' dtype
         stored = str(Checkpoint.open(plan["models"][0]).dtype(names[0])).removeprefix("torch.")
         out_dtype = stored if stored in DTYPES else None

@@ -93,10 +93,10 @@ def _write_export(
     plan = space.to_plan(genome, recipe["seeds"]) if hasattr(space, "to_plan") else None
     if plan is not None:  # re-apply with `evomerge merge merge_plan.yaml` (e.g. to full-precision models)
         extra["merge_plan.yaml"] = dump_plain_yaml(plan)
-    try:  # the same merge as a mergekit config, where mergekit has the method
-        extra["mergekit.yaml"] = mergekit_yaml(plan, space.layout.names)
-    except NotMappable as why:
-        print(f"evomerge: no mergekit.yaml: {why}", file=sys.stderr)
+        try:  # the same merge as a mergekit config, where mergekit has the method
+            extra["mergekit.yaml"] = mergekit_yaml(plan, space.layout.names)
+        except NotMappable as why:
+            print(f"evomerge: no mergekit.yaml: {why}", file=sys.stderr)
     dtypes = seed_dtypes(run.seeds_dir)
     layout = space.layout
     entries = [(n, tuple(s), dtypes.get(n, torch.float32)) for n, s in zip(layout.names, layout.shapes)]

@@ -54,3 +54,16 @@ class BoxSpace(Space, Protocol):
 
     low: np.ndarray
     high: np.ndarray
+
+
+class WritesIntoBuffers:
+    """For spaces whose candidates are computed from seed models (`self.seeds`): a decoded model is fresh buffers
+    in the seeds' dtype with the candidate written into them."""
+
+    def new_buffers(self) -> dict[str, torch.Tensor]:
+        return self.seeds.allocate()  # type: ignore[attr-defined]
+
+    def decode(self, genome: np.ndarray) -> dict[str, torch.Tensor]:
+        out = self.new_buffers()
+        self.write(genome, out)  # type: ignore[attr-defined]
+        return out

@@ -22,6 +22,7 @@ from evomerge.merge.engine import MergeEngine, find_tied
 from evomerge.registry import Component
 from evomerge.schema import require
 from evomerge.space import SPACES
+from evomerge.space.base import WritesIntoBuffers
 from evomerge.weights import Layout
 from evomerge.weights.blocks import block_map, check_block_options
 from evomerge.weights.seed_models import SeedModels, as_seed_models
@@ -76,7 +77,7 @@ class MergeGenesOptions:
                 )
 
 
-class MergeGenesSpace:
+class MergeGenesSpace(WritesIntoBuffers):
     """A box space: strategies see [0, 1]^dim; `decode` runs the merge the genes describe."""
 
     def __init__(self, options: MergeGenesOptions, layout: Layout, seeds: SeedModels | list[np.ndarray]):
@@ -172,14 +173,6 @@ class MergeGenesSpace:
     def write(self, genome: np.ndarray, out: dict[str, torch.Tensor]) -> None:
         for _ in self.engine(genome).merged(self.read, out=out):
             pass
-
-    def new_buffers(self) -> dict[str, torch.Tensor]:
-        return self.seeds.allocate()
-
-    def decode(self, genome: np.ndarray) -> dict[str, torch.Tensor]:
-        out = self.new_buffers()
-        self.write(genome, out)
-        return out
 
     def read(self, name: str) -> TensorGroup:
         base = None if self.base_index is None else self.seeds.tensor(self.base_index, name)

@@ -21,6 +21,7 @@ from evomerge.merge import slerp_coefficients
 from evomerge.merge.base import sum_scratch, weighted_sum_into
 from evomerge.schema import require
 from evomerge.space import SPACES
+from evomerge.space.base import WritesIntoBuffers
 from evomerge.weights import Layout
 from evomerge.weights.blocks import block_map, check_block_options
 from evomerge.weights.seed_models import SeedModels, as_seed_models
@@ -93,7 +94,7 @@ def tensor_pieces(layout: Layout, ranges: list[tuple[int, int]]) -> dict[str, li
     return pieces
 
 
-class RecipeSpace:
+class RecipeSpace(WritesIntoBuffers):
     def __init__(
         self,
         layout: Layout,
@@ -162,14 +163,6 @@ class RecipeSpace:
                 end = min(hi, start + READ_CHUNK)
                 sources = [self.seeds.slice(k, name, start, end).to(out.device) for k in range(self.n_seeds)]
                 weighted_sum_into(target[start:end], sources, coefficients[block].tolist(), self._scratch)
-
-    def new_buffers(self) -> dict[str, torch.Tensor]:
-        return self.seeds.allocate()
-
-    def decode(self, genome: np.ndarray) -> dict[str, torch.Tensor]:
-        out = self.new_buffers()
-        self.write(genome, out)
-        return out
 
     def boundary(self, split: int) -> int:
         """The block whose start is at or before parameter index `split` (n_blocks past the end)."""

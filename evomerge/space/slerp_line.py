@@ -12,11 +12,12 @@ from evomerge.merge import slerp_coefficients
 from evomerge.merge.base import sum_scratch, weighted_sum_into
 from evomerge.merge.methods import slerp_model_stats
 from evomerge.space import SPACES
+from evomerge.space.base import WritesIntoBuffers
 from evomerge.weights import Layout
 from evomerge.weights.seed_models import SeedModels, as_seed_models
 
 
-class SlerpLineSpace:
+class SlerpLineSpace(WritesIntoBuffers):
     def __init__(self, layout: Layout, seeds: SeedModels | list[np.ndarray]):
         self.layout = layout
         self.seeds = as_seed_models(seeds, layout)
@@ -43,14 +44,6 @@ class SlerpLineSpace:
         if self._scratch is None or self._scratch.device != out.device:
             self._scratch = sum_scratch(out.device)
         return weighted_sum_into(out, [self.seeds.tensor(0, name), self.seeds.tensor(1, name)], [ca, cb], self._scratch)
-
-    def new_buffers(self) -> dict[str, torch.Tensor]:
-        return self.seeds.allocate()
-
-    def decode(self, genome: np.ndarray) -> dict[str, torch.Tensor]:
-        out = self.new_buffers()
-        self.write(genome, out)
-        return out
 
 
 @SPACES.register("slerp", summary="the SLERP weight t between the first two seed models", tags={"box"})
