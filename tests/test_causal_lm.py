@@ -383,3 +383,24 @@ def test_language_models_build_loadable_reproducible_folders(tmp_path, monkeypat
     )
     result = ev.evaluate(ev.resident_parameters())
     assert result.per_example.shape == (24,) and set(result.objectives) == set(ev.metric_names())
+
+
+def test_fitness_on_a_fixed_subset_with_the_full_split_in_test(models, tmp_path):
+    """`subset: N` scores candidates on N search examples (the same N every time); a test pass adds the whole
+    search split, which the subset stands in for."""
+    rows = [{"text": t} for t in TEXTS * 2]
+    search = _jsonl(tmp_path / "s.jsonl", rows)
+    test = _jsonl(tmp_path / "t.jsonl", rows[:2])
+    full = _evaluator(models["a"], [{"name": "mix", "search": search, "test": test}])
+    part = _evaluator(models["a"], [{"name": "mix", "search": search, "test": test, "subset": 3, "subset_seed": 1}])
+    whole = full.evaluate(full.resident_parameters())
+    sub = part.evaluate(part.resident_parameters())
+    assert part.n_examples == 3 and sub.per_example.shape == (3,)
+    chosen = np.sort(np.random.default_rng(1).choice(8, 3, replace=False))
+    np.testing.assert_allclose(sub.per_example, whole.per_example[chosen], rtol=1e-5)
+    assert part.evaluate(part.resident_parameters()).per_example.tolist() == sub.per_example.tolist()
+    tested = part.test(part.resident_parameters())
+    assert tested["search_full_loglik_mix"] == pytest.approx(whole.objectives["loglik_mix"], rel=1e-6)
+    assert tested["loglik_mix"] == pytest.approx(full.test(full.resident_parameters())["loglik_mix"], rel=1e-6)
+    with pytest.raises(EvomergeError, match=r"evaluator.datasets\[0\].subset: got 8, but the search split has 8"):
+        _evaluator(models["a"], [{"name": "mix", "search": search, "test": test, "subset": 8}])

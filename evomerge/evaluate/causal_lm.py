@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from evomerge.data.jsonl import read_jsonl
-from evomerge.errors import EvaluationError, EvomergeError, ShapeMismatchError
+from evomerge.errors import EvaluationError, EvomergeError, ShapeMismatchError, SpecError
 from evomerge.evaluate import EVALUATORS
 from evomerge.evaluate.base import EvalResult
 from evomerge.evaluate.classification import resolve_device
@@ -47,6 +47,8 @@ class DatasetOptions:
     delimiter: str = " "  # multiple_choice: put between question and option (lm-eval's target_delimiter)
     score_by: Literal["acc", "acc_norm"] = "acc"  # multiple_choice: which accuracy the per-example score is
     max_new_tokens: int = 16  # exact_match: greedy tokens generated at most
+    subset: int | None = None  # fitness on this many search examples (a fixed random draw); test adds the full split
+    subset_seed: int = 0  # the draw's seed
 
     def check(self, path: str) -> None:
         require(
@@ -65,6 +67,8 @@ class DatasetOptions:
                 )
         require(0 < self.test_fraction < 1, f"{path}.test_fraction", f"got {self.test_fraction}, must be in (0, 1)")
         require(self.max_new_tokens >= 1, f"{path}.max_new_tokens", f"got {self.max_new_tokens}, must be >= 1")
+        if self.subset is not None:
+            require(self.subset >= 1, f"{path}.subset", f"got {self.subset}, must be >= 1")
 
 
 @dataclass
@@ -207,10 +211,12 @@ class CausalLMEvaluator:
         self.max_length = self._max_length()
         self.vocab = self.model.get_input_embeddings().weight.shape[0]
         self.bos = [self.tokenizer.bos_token_id] if options.add_bos and self.tokenizer.bos_token_id is not None else []
-        self.splits: dict[str, dict[str, _Split]] = {"search": {}, "test": {}}
+        self.splits: dict[str, dict[str, _Split]] = {"search": {}, "search_full": {}, "test": {}}
         for k, dataset in enumerate(options.datasets):
             for split, rows in self._rows(dataset, f"evaluator.datasets[{k}]").items():
                 self.splits[split][dataset.name] = self._tokenize(dataset, rows, f"evaluator.datasets[{k}]")
+            self.splits["search_full"].setdefault(dataset.name, self.splits["search"][dataset.name])
+        self.subsets = any(d.subset is not None for d in options.datasets)
         self._stop: list[int] | None = None
         self.n_examples = sum(s.n_examples for s in self.splits["search"].values())
 
@@ -303,9 +309,19 @@ class CausalLMEvaluator:
     def _rows(self, dataset: DatasetOptions, path: str) -> dict[str, list]:
         search = load_examples(Path(dataset.search), dataset.kind, dataset.txt_split)
         if dataset.test is not None:
-            return {"search": search, "test": load_examples(Path(dataset.test), dataset.kind, dataset.txt_split)}
-        rows = split_rows(search, dataset.test_fraction, dataset.split_seed, f"{path}.search ({dataset.search})")
-        return dict(zip(("search", "test"), rows))
+            test = load_examples(Path(dataset.test), dataset.kind, dataset.txt_split)
+        else:
+            rows = split_rows(search, dataset.test_fraction, dataset.split_seed, f"{path}.search ({dataset.search})")
+            search, test = rows
+        if dataset.subset is None:
+            return {"search": search, "test": test}
+        if dataset.subset >= len(search):
+            raise SpecError(
+                f"{path}.subset",
+                f"got {dataset.subset}, but the search split has {len(search)} examples; use fewer, or none",
+            )
+        chosen = np.sort(np.random.default_rng(dataset.subset_seed).choice(len(search), dataset.subset, replace=False))
+        return {"search": [search[i] for i in chosen], "search_full": search, "test": test}
 
     def _encode(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -499,8 +515,13 @@ class CausalLMEvaluator:
         return EvalResult(metrics, per_example)
 
     def test(self, params: dict[str, torch.Tensor]) -> dict[str, float]:
+        """The test split's metrics; with subsets, also the whole search split's as `search_full_<metric>` (what
+        the subset stands in for)."""
         self._load(params)
-        return self._metrics("test")[0]
+        metrics = self._metrics("test")[0]
+        if self.subsets:
+            metrics |= {f"search_full_{k}": v for k, v in self._metrics("search_full")[0].items()}
+        return metrics
 
 
 class _FiniteLogits:
