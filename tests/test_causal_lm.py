@@ -404,3 +404,32 @@ def test_fitness_on_a_fixed_subset_with_the_full_split_in_test(models, tmp_path)
     assert tested["loglik_mix"] == pytest.approx(full.test(full.resident_parameters())["loglik_mix"], rel=1e-6)
     with pytest.raises(EvomergeError, match=r"evaluator.datasets\[0\].subset: got 8, but the search split has 8"):
         _evaluator(models["a"], [{"name": "mix", "search": search, "test": test, "subset": 8}])
+
+
+def test_fisher_of_sampled_tokens_equals_a_hand_computation(models, tmp_path):
+    from evomerge.evaluate.base import EstimatesFisher
+
+    search = _jsonl(tmp_path / "s.jsonl", [{"text": TEXTS[0]}, {"text": TEXTS[1]}])
+    ev = _evaluator(models["a"], [{"name": "mix", "search": search, "test": search}])
+    assert isinstance(ev, EstimatesFisher)
+    fisher = ev.fisher(ev.resident_parameters(), None, seed=5)
+    assert set(fisher) == set(ev.layout().names) and all(bool((f >= 0).all()) for f in fisher.values())
+    model, tok = _reference(models["a"])
+    generator = torch.Generator().manual_seed(5)
+    names = list(ev.layout().names)
+    params = dict(model.named_parameters())
+    leaves = [params[n] for n in names]
+    expected = [torch.zeros_like(p) for p in leaves]
+    for text in TEXTS[:2]:
+        ids = torch.tensor([[tok.bos_token_id, *tok(text, add_special_tokens=False)["input_ids"]]])
+        logits = model(input_ids=ids).logits[0, :-1].float()
+        sampled = torch.multinomial(logits.detach().softmax(-1), 1, generator=generator)
+        loglik = logits.log_softmax(-1).gather(1, sampled).mean()
+        for total, grad in zip(expected, torch.autograd.grad(loglik, leaves)):
+            total += grad**2
+    for name, total in zip(names, expected):
+        torch.testing.assert_close(fisher[name], total / 2, rtol=1e-4, atol=1e-10)
+    assert torch.equal(ev.fisher(ev.resident_parameters(), None, seed=5)[names[0]], fisher[names[0]])
+    assert not any(t.requires_grad for t in ev.resident_parameters().values())
+    with pytest.raises(EvomergeError, match="the evaluator's datasets are: mix"):
+        ev.fisher(ev.resident_parameters(), None, seed=5, subset="nope")

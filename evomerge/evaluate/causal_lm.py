@@ -26,6 +26,7 @@ from evomerge.errors import EvaluationError, EvomergeError, ShapeMismatchError, 
 from evomerge.evaluate import EVALUATORS
 from evomerge.evaluate.base import EvalResult
 from evomerge.evaluate.classification import resolve_device
+from evomerge.evaluate.fisher import pick_examples
 from evomerge.schema import require
 from evomerge.weights import Layout
 
@@ -385,6 +386,39 @@ class CausalLMEvaluator:
     def resident_parameters(self) -> dict[str, torch.Tensor]:
         """The live parameters (device and dtype of the model), keyed as the checkpoint's files name them."""
         return dict(self._resident)
+
+    def fisher(
+        self, params: dict[str, torch.Tensor], examples: int | None, seed: int, subset: str | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Diagonal Fisher of the model's predictive (see `EstimatesFisher`) on the search split's sequences (of
+        dataset `subset`, or all): per sequence, one token sampled per position from the model with `seed`, the
+        squared gradient of their mean log-likelihood; averaged over sequences."""
+        names = [d.name for d in self.options.datasets]
+        if subset is not None and subset not in names:
+            raise EvomergeError(f"subset: got {subset!r}, the evaluator's datasets are: {', '.join(names)}")
+        sequences = [
+            seq for name in (names if subset is None else [subset]) for seq in self.splits["search"][name].sequences
+        ]
+        chosen = pick_examples(len(sequences), examples, seed)
+        self._load(params)
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        leaves = [self._resident[n] for n in self._names]
+        sums = [torch.zeros(t.shape, dtype=torch.float32, device=self.device) for t in leaves]
+        try:
+            for t in leaves:
+                t.requires_grad_(True)
+            with torch.enable_grad():
+                for index in chosen.tolist():
+                    ids = torch.tensor([sequences[index]], device=self.device)
+                    logits = self.model(input_ids=ids).logits[0, :-1].float()
+                    sampled = torch.multinomial(logits.detach().softmax(-1), 1, generator=generator)
+                    loglik = logits.log_softmax(-1).gather(1, sampled).mean()
+                    for total, grad in zip(sums, torch.autograd.grad(loglik, leaves)):
+                        total += grad.float() ** 2
+        finally:
+            for t in leaves:
+                t.requires_grad_(False)
+        return {n: (total / len(chosen)).cpu() for n, total in zip(self._names, sums)}
 
     def metric_names(self) -> list[str]:
         """What `evaluate` returns, so a strategy's objectives are checked before the first evaluation."""
