@@ -189,7 +189,7 @@ def test_bad_input_is_one_line(setup: dict[str, Any], tmp_path: Path) -> None:
     bad.write_text('{"text": "the cat", "label": 0}\n{"text": "a dog", "label": \n')
     spec = _spec(setup)
     spec["tasks"]["mood"]["validation"] = str(bad)
-    with pytest.raises(EvomergeError, match=f"^{bad}:2: not a JSON object"):
+    with pytest.raises(EvomergeError, match=f"^{bad}:2: not a JSON line"):
         EVALUATORS.build(EVALUATORS.resolve(spec, "evaluator"))
     narrow = tmp_path / "narrow.safetensors"
     save_file({"weight": torch.zeros(2, 16), "bias": torch.zeros(2)}, str(narrow))
