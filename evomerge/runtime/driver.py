@@ -103,11 +103,12 @@ def build_manager(run: RunDir, spec: SearchSpec, budget: int, fresh_seeds: bool,
     the evaluator exists only on the workers (and briefly here to make seeds evomerge builds itself)."""
     limit_threads(spec.runtime.threads)
     chosen = spec.runtime.executor
+    verify = not fresh_seeds  # fresh seeds were just hashed into seeds.json; a resume checks them against it
     if chosen.name != "ray":
         evaluator = build_evaluator(spec, run.path)
         if fresh_seeds:
             make_seeds(spec, run.seeds_dir, evaluator)
-        space = search_space(spec, run.seeds_dir, evaluator.layout(), evaluator_device(evaluator), verify=True)
+        space = search_space(spec, run.seeds_dir, evaluator.layout(), evaluator_device(evaluator), verify=verify)
         strategy = STRATEGIES.build(spec.strategy, space=space, seed=spec.seed)
         check_strategy(strategy, evaluator_facts(evaluator))
         executor = InProcessExecutor(evaluator, space)
@@ -116,7 +117,7 @@ def build_manager(run: RunDir, spec: SearchSpec, budget: int, fresh_seeds: bool,
 
     if fresh_seeds:
         make_seeds(spec, run.seeds_dir)
-    space = search_space(spec, run.seeds_dir, verify=True)
+    space = search_space(spec, run.seeds_dir, verify=verify)
     strategy = STRATEGIES.build(spec.strategy, space=space, seed=spec.seed)
     ray_executor = RayExecutor(spec.to_plain(), run.seeds_dir, chosen, threads=spec.runtime.threads)
     try:
