@@ -68,8 +68,17 @@ def mlp_forward(params: dict[str, torch.Tensor], x: torch.Tensor, n_layers: int)
         else:
             x = torch.addmm(bias, x, weight)
         if k < n_layers - 1:
-            x = torch.relu(x)
+            x = x.relu_()
     return x
+
+
+def predicted_classes(logits: torch.Tensor) -> torch.Tensor:
+    """The first highest-scoring class of each example, as argmax gives it but several times faster: `max`'s
+    indices (first maximum too), reduced along the contiguous orientation (a narrowing last layer leaves
+    classes × examples storage)."""
+    if not logits.is_contiguous() and logits.t().is_contiguous():
+        return logits.t().max(dim=0).indices
+    return logits.max(dim=1).indices
 
 
 class ClassificationEvaluator:
@@ -108,7 +117,7 @@ class ClassificationEvaluator:
     @torch.no_grad()
     def correct(self, params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> np.ndarray:
         logits = mlp_forward(self._to_device(params), x, self.n_layers)
-        return (logits.argmax(dim=1) == y).cpu().numpy()
+        return (predicted_classes(logits) == y).cpu().numpy()
 
     def evaluate(self, params: dict[str, torch.Tensor]) -> EvalResult:
         hits = self.correct(params, self.x_train, self.y_train)
