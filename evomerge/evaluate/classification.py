@@ -121,9 +121,10 @@ class ClassificationEvaluator:
 
     def evaluate(self, params: dict[str, torch.Tensor]) -> EvalResult:
         hits = self.correct(params, self.x_train, self.y_train)
-        objectives = {"accuracy": float(hits.mean())}
-        for name, mask in self._group_masks.items():
-            objectives[f"accuracy_{name}"] = float(hits[mask].mean()) if mask.any() else 0.0
+        objectives = {"accuracy": np.count_nonzero(hits) / len(hits)}
+        for name, mask in self._group_masks.items():  # counts, not means: M2N2 on digits calls this ~1,000 times/s
+            total = np.count_nonzero(mask)
+            objectives[f"accuracy_{name}"] = np.count_nonzero(hits & mask) / total if total else 0.0
         return EvalResult(objectives, hits.astype(np.float32))
 
     def test(self, params: dict[str, torch.Tensor]) -> dict[str, float]:
