@@ -11,11 +11,14 @@ Three measurements, written to benchmarks/results/m2n2_reference.json:
 
 - lockstep: one reference run with every draw recorded, replayed through evomerge's M2N2 given the
   same children: the parent-sampling weights, the replaced slot and the crossover must agree;
-- accuracy: from-scratch M2N2 of the reference at 50,000 evaluations for --seeds seeds (its
-  functions under one jitted scan: the same keys and operations as its own loop), next to
-  evomerge's per-seed results from benchmarks/results/m2n2_digits.json;
-- speed: the reference's own search loop and evomerge's (`evomerge run`), alternated twice in the
+- accuracy: from-scratch M2N2 at 50,000 evaluations for --seeds seeds on each side: the reference (its
+  functions under one jitted scan: the same keys and operations as its own loop, seeds 42, 43, …) and
+  evomerge (`m2n2_digits_scratch.yaml`, seeds 0, 1, …, the run directories shared with m2n2_digits.py);
+  mean, sd, min, max, runs that lost a whole class, and a two-sided Mann-Whitney U test of the difference;
+- speed: the reference's own search loop and evomerge's (`evomerge run`), alternated --pairs times in the
   same session, evaluations/s of each and their ratio per pair.
+
+Finished runs on either side are kept (--runs-dir, --cache-dir), so a rerun only adds what is missing.
 """
 
 from __future__ import annotations
@@ -27,10 +30,12 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from _results import RESULTS, save_result
+from _results import save_result
+from m2n2_digits import run_one
 
 ROOT = Path(__file__).resolve().parent.parent
 SIDE = Path(__file__).resolve().parent / "reference_side.py"
@@ -124,15 +129,57 @@ def mean_sd_min_max(values: list[float]) -> dict:
     }
 
 
+def reference_accuracy(python: str, checkout: str, seeds: list[int], steps: int, cache: Path) -> list[dict]:
+    """The reference's from-scratch runs, one cached JSON per seed so an interrupted benchmark loses nothing."""
+    cache.mkdir(parents=True, exist_ok=True)
+    missing = [s for s in seeds if not (cache / f"seed{s}-{steps}.json").exists()]
+    for seed in missing:
+        out = cache / f"seed{seed}-{steps}.tmp"
+        reference(python, "accuracy", checkout, str(seed), str(steps), str(out))
+        (row,) = json.loads(out.read_text())
+        (cache / f"seed{seed}-{steps}.json").write_text(json.dumps(row))
+        out.unlink()
+        print(f"reference seed {seed}: test {100 * row['test']:.2f}", file=sys.stderr, flush=True)
+    return [json.loads((cache / f"seed{s}-{steps}.json").read_text()) for s in seeds]
+
+
+def evomerge_accuracy(seeds: list[int], runs_dir: str, workers: int) -> list[dict]:
+    """evomerge's from-scratch M2N2 runs, as m2n2_digits.py makes them (and reusing its finished runs)."""
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        jobs = [pool.submit(run_one, "m2n2_digits_scratch.yaml", s, runs_dir, None, 1) for s in seeds]
+        summaries = [job.result() for job in jobs]
+    return [
+        {"seed": s, "test": r["test"]["accuracy"], "coverage": (r.get("final_stats") or {}).get("coverage")}
+        for s, r in zip(seeds, summaries)
+    ]
+
+
+def compare(reference_runs: list[dict], evomerge_runs: list[dict]) -> dict:
+    """Both sides' spread, lost classes (final coverage < 95%: every member misses a class) and the U test."""
+    from scipy.stats import mannwhitneyu
+
+    ref = [100 * r["test"] for r in reference_runs]
+    ours = [100 * r["test"] for r in evomerge_runs]
+    return {
+        "reference": {**mean_sd_min_max(ref), "lost_class_runs": sum(r["coverage"] < 0.95 for r in reference_runs)},
+        "evomerge": {**mean_sd_min_max(ours), "lost_class_runs": sum(r["coverage"] < 0.95 for r in evomerge_runs)},
+        "mann_whitney_p": round(float(mannwhitneyu(ours, ref, alternative="two-sided").pvalue), 3),
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reference", required=True, help="folder of a natural_niches checkout")
     parser.add_argument("--reference-python", default=sys.executable, help="a Python with jax, optax, tqdm, sklearn")
-    parser.add_argument("--seeds", type=int, default=10, help="reference seeds 42, 43, … (default 10)")
+    parser.add_argument("--seeds", type=int, default=20, help="runs per side: reference 42, 43, …, evomerge 0, 1, …")
     parser.add_argument("--steps", type=int, default=50000, help="evaluations per accuracy run (default 50,000)")
     parser.add_argument("--record-steps", type=int, default=3000, help="lockstep length (default 3,000)")
+    parser.add_argument("--pairs", type=int, default=3, help="alternated speed measurements (default 3)")
     parser.add_argument("--speed-steps", type=int, default=3000, help="reference loop steps per timing (default 3,000)")
     parser.add_argument("--evomerge-speed-steps", type=int, default=20000, help="evomerge evaluations per timing")
+    parser.add_argument("--workers", type=int, default=2, help="evomerge accuracy runs in parallel (default 2)")
+    parser.add_argument("--runs-dir", default=str(ROOT / "runs" / "bench-m2n2-digits"), help="evomerge run dirs")
+    parser.add_argument("--cache-dir", default=str(ROOT / "runs" / "bench-m2n2-reference"), help="reference results")
     parser.add_argument("--skip-accuracy", action="store_true", help="lockstep and speed only")
     args = parser.parse_args()
     out: dict = {}
@@ -141,9 +188,9 @@ def main() -> int:
         print("lockstep: recording a reference run ...", file=sys.stderr, flush=True)
         reference(args.reference_python, "record", args.reference, "42", str(args.record_steps), str(tmp / "rec.npz"))
         out["lockstep"] = lockstep(tmp / "rec.npz")
-        print("speed: reference loop and evomerge, alternated twice ...", file=sys.stderr, flush=True)
+        print(f"speed: reference loop and evomerge, alternated {args.pairs} times ...", file=sys.stderr, flush=True)
         pairs = []
-        for _ in range(2):
+        for _ in range(args.pairs):
             reference(args.reference_python, "speed", args.reference, str(args.speed_steps), str(tmp / "speed.json"))
             ref_rate = json.loads((tmp / "speed.json").read_text())["evaluations_per_second"]
             ours_rate, summary = evomerge_speed(args.evomerge_speed_steps, tmp / "runs")
@@ -158,21 +205,14 @@ def main() -> int:
                 }
             )
         out["speed"] = pairs
-        if not args.skip_accuracy:
-            seeds = ",".join(str(42 + k) for k in range(args.seeds))
-            print(f"accuracy: reference seeds {seeds} ...", file=sys.stderr, flush=True)
-            reference(args.reference_python, "accuracy", args.reference, seeds, str(args.steps), str(tmp / "acc.json"))
-            rows = json.loads((tmp / "acc.json").read_text())
-            out["reference_runs"] = rows
-            out["reference_accuracy"] = mean_sd_min_max([100 * r["test"] for r in rows])
-            out["reference_lost_class_runs"] = sum(r["coverage"] < 0.95 for r in rows)
-    ladder = RESULTS / "m2n2_digits.json"
-    if ladder.exists():
-        m2n2 = next(
-            r for r in json.loads(ladder.read_text())["rows"] if r["method"] == "M2N2" and r["setting"] == "scratch"
+    if not args.skip_accuracy:
+        ref_seeds, our_seeds = [42 + k for k in range(args.seeds)], list(range(args.seeds))
+        print(f"accuracy: {args.seeds} seeds per side ...", file=sys.stderr, flush=True)
+        out["reference_runs"] = reference_accuracy(
+            args.reference_python, args.reference, ref_seeds, args.steps, Path(args.cache_dir)
         )
-        out["evomerge_accuracy"] = mean_sd_min_max(m2n2["per_seed"])
-        out["evomerge_lost_class_runs"] = m2n2.get("lost_class_runs")
+        out["evomerge_runs"] = evomerge_accuracy(our_seeds, args.runs_dir, args.workers)
+        out["accuracy"] = compare(out["reference_runs"], out["evomerge_runs"])
 
     lock = out["lockstep"]
     lines = [
@@ -188,14 +228,15 @@ def main() -> int:
             f"{100 * p['evomerge_shares']['strategy_share']:.0f}%, driver "
             f"{100 * p['evomerge_shares']['overhead_share']:.0f}%)"
         )
-    for who in ("reference", "evomerge"):
-        acc = out.get(f"{who}_accuracy")
-        if acc:
+    if "accuracy" in out:
+        acc = out["accuracy"]
+        for who in ("reference", "evomerge"):
+            a = acc[who]
             lines.append(
-                f"{who:<9} M2N2 from scratch, {acc['n']} seeds: test {acc['mean']:.2f} ± {acc['sd']:.2f} "
-                f"(min {acc['min']:.2f}, max {acc['max']:.2f}); runs that lost a whole class: "
-                f"{out.get(f'{who}_lost_class_runs')}"
+                f"{who:<9} M2N2 from scratch, {a['n']} seeds: test {a['mean']:.2f} ± {a['sd']:.2f} "
+                f"(min {a['min']:.2f}, max {a['max']:.2f}); runs that lost a whole class: {a['lost_class_runs']}"
             )
+        lines.append(f"two-sided Mann-Whitney U test, evomerge vs reference: p = {acc['mann_whitney_p']:.3f}")
     table = "\n".join(lines)
     print(table)
     save_result("m2n2_reference", table, [], **out)
