@@ -20,7 +20,7 @@ pytest.importorskip("tokenizers")
 
 from evomerge.errors import EvaluationError, EvomergeError, SpecError  # noqa: E402
 from evomerge.evaluate import EVALUATORS  # noqa: E402
-from evomerge.evaluate.causal_lm import CausalLMEvaluator  # noqa: E402
+from evomerge.evaluate.causal_lm import CausalLMEvaluator, anchor_examples  # noqa: E402
 
 TEXTS = [
     "def add(a, b):\n    return a + b\n",
@@ -234,6 +234,22 @@ def test_a_tied_head_appears_once_under_the_saved_name(models, tmp_path):
     assert ev.evaluate(ev.resident_parameters()).objectives["loglik_d"] != before
 
 
+def test_a_folder_of_pickled_weights_is_keyed_by_the_modules_names(models, tmp_path):
+    """No safetensors files to read names from (transformers loads the .bin): the module's own parameter names,
+    the same as the safetensors checkpoint's here, in the same order, with the same scores."""
+    pickled = tmp_path / "pickled"
+    shutil.copytree(models["a"], pickled)
+    (pickled / "model.safetensors").unlink()
+    torch.save(load_file(str(models["a"] / "model.safetensors")), pickled / "pytorch_model.bin")
+    data = _jsonl(tmp_path / "d.jsonl", [{"text": t} for t in TEXTS])
+    saved, loaded = (_evaluator(folder, [{"name": "d", "search": data}]) for folder in (models["a"], pickled))
+    assert loaded.layout() == saved.layout()
+    assert (
+        loaded.evaluate(loaded.resident_parameters()).objectives
+        == saved.evaluate(saved.resident_parameters()).objectives
+    )
+
+
 def test_nan_weights_fail_the_candidate_only(models, tmp_path):
     text = {"name": "d", "search": _jsonl(tmp_path / "d.jsonl", [{"text": t} for t in TEXTS])}
     em = _jsonl(tmp_path / "em.jsonl", [{"prompt": "def", "target": "x"}, {"prompt": "The", "target": "y"}])
@@ -404,6 +420,66 @@ def test_fitness_on_a_fixed_subset_with_the_full_split_in_test(models, tmp_path)
     assert tested["loglik_mix"] == pytest.approx(full.test(full.resident_parameters())["loglik_mix"], rel=1e-6)
     with pytest.raises(EvomergeError, match=r"evaluator.datasets\[0\].subset: got 8, but the search split has 8"):
         _evaluator(models["a"], [{"name": "mix", "search": search, "test": test, "subset": 8}])
+
+
+def test_anchor_examples_stand_for_the_clusters_of_the_seeds_scores():
+    """k-means over the seeds' per-example scores: one anchor per cluster, nearest its centre, weighing the
+    cluster's size; with fewer distinct score rows than anchors, the clusters share them by size."""
+    features = np.array([[0, 0], [0, 0], [0.1, 0], [0, 0.1], [1, 1], [0.9, 1], [1, 0.9], [0, 1]])
+    for seed in range(4):  # clusters this clear come out the same from any start
+        examples, weights = anchor_examples(features, 3, seed)
+        assert examples == [0, 4, 7] and weights.tolist() == [4.0, 3.0, 1.0]
+    # per-example accuracies of two seeds: 6 right for both, 3 wrong for both, one only the first gets right
+    binary = np.array([[1, 1]] * 6 + [[0, 0]] * 3 + [[1, 0]])
+    examples, weights = anchor_examples(binary, 5, 0)
+    assert examples == [0, 1, 2, 6, 9] and weights.tolist() == [2.0, 2.0, 2.0, 3.0, 1.0]
+    assert (weights @ binary[examples]).tolist() == binary.sum(0).tolist()  # the seeds' totals, exactly
+
+
+def test_anchor_subset_is_chosen_from_the_seeds_scores(models, tmp_path):
+    """`subset_by: anchors`: the seeds' scores on the whole search split choose the anchors; candidates are then
+    scored on them, each weighted by the examples it stands for, beside a random subset of another dataset."""
+    questions = [("def add(a, b):", ["return", "x"]), ("The quick", ["brown fox", "a"]), ("for i in", ["range", "b"])]
+    qa = _jsonl(tmp_path / "qa.jsonl", [{"question": q, "choices": c, "answer": 0} for q, c in questions * 2])
+    mix = _jsonl(tmp_path / "mix.jsonl", [{"text": f"{t} {k}"} for k in range(3) for t in TEXTS])
+    test = _jsonl(tmp_path / "t.jsonl", [{"text": TEXTS[0]}, {"text": TEXTS[1]}])
+    qa_test = _jsonl(tmp_path / "qa_test.jsonl", [{"question": "x", "choices": ["a", "b"], "answer": 1}])
+    whole = [
+        {"name": "qa", "kind": "multiple_choice", "search": qa, "test": qa_test},
+        {"name": "mix", "search": mix, "test": test},
+    ]
+    datasets = [{**whole[0], "subset": 2, "subset_seed": 1}, {**whole[1], "subset": 4, "subset_by": "anchors"}]
+    ev = _evaluator(models["a"], datasets)
+    assert ev.n_examples == 2 + 4 and ev.needs_seed_scores()
+    with pytest.raises(EvomergeError, match=r"anchor examples \(subset_by: anchors\) are chosen from the seed models"):
+        ev.evaluate(ev.resident_parameters())
+    full = _evaluator(models["a"], whole)
+    seeds = [load_file(str(models[k] / "model.safetensors")) for k in ("a", "b")]
+    scores = np.stack([ev.full_scores(seed) for seed in seeds])
+    assert scores.shape == (2, 6 + 12)
+    np.testing.assert_array_equal(scores[1], full.evaluate(seeds[1]).per_example)
+    record = ev.choose_subset(scores)
+    examples, weights = anchor_examples(scores[:, 6:].T, 4, 0)
+    assert record == {"mix": {"examples": examples, "weights": weights.tolist()}} and weights.sum() == 12
+    ev.use_subset(json.loads(json.dumps(record)))
+
+    result, reference = ev.evaluate(seeds[1]), full.evaluate(seeds[1])
+    drawn = np.sort(np.random.default_rng(1).choice(6, 2, replace=False))
+    expected = np.concatenate([reference.per_example[drawn], reference.per_example[6:][examples]])
+    np.testing.assert_allclose(result.per_example, expected, rtol=1e-5)
+    split = full.splits["search"]["mix"]
+    sums, counts = full._logliks(split, "mix")[examples], np.asarray(split.n_scored, dtype=np.float64)[examples]
+    assert result.objectives["loglik_mix"] == pytest.approx((weights @ sums) / (weights @ counts), rel=1e-6)
+    assert result.objectives["acc_qa"] == float(reference.per_example[drawn].mean())
+    anchored = np.average(reference.per_example[6:][examples], weights=weights)
+    assert result.objectives["score"] == pytest.approx((reference.per_example[drawn].mean() + anchored) / 2, rel=1e-6)
+    tested = ev.test(seeds[1])
+    assert tested["search_full_loglik_mix"] == pytest.approx(reference.objectives["loglik_mix"], rel=1e-6)
+
+    with pytest.raises(EvomergeError, match="subset record does not fit dataset 'mix': it needs 4 distinct anchors"):
+        ev.use_subset({"mix": {"examples": [0, 1], "weights": [6.0, 6.0]}})
+    with pytest.raises(SpecError, match=r"^evaluator.datasets\[0\].subset_by: got 'anchors' without subset"):
+        _evaluator(models["a"], [{"name": "mix", "search": mix, "subset_by": "anchors"}])
 
 
 def test_fisher_of_sampled_tokens_equals_a_hand_computation(models, tmp_path):

@@ -230,3 +230,48 @@ def test_metric_the_task_does_not_report(lm_setup: dict[str, Path]) -> None:
 def test_missing_split_is_refused(lm_setup: dict[str, Path]) -> None:
     with pytest.raises(SpecError, match="lm-eval task 'tiny_mc_val' has no test split \\(it has: validation\\)"):
         _build(lm_setup, tasks=["tiny_mc_val"])
+
+
+def test_subset_is_a_fixed_random_draw_of_each_tasks_documents(
+    evaluator: LmEvalEvaluator, lm_setup: dict[str, Path]
+) -> None:
+    """`subset: N` evaluates N documents of each search task (lm-eval's `samples`), drawn once per task with
+    `subset_seed` and the task's name; a test pass adds every document as `search_full_<objective>`."""
+    import zlib
+
+    tasks = [{"name": "tiny_mc", "metrics": {"acc": "max"}, "weight": 3.0}, {"name": "tiny_ppl"}]
+    part = _build(lm_setup, tasks=tasks, subset=3, subset_seed=5)
+    drawn = {
+        name: np.sort(np.random.default_rng([5, zlib.crc32(name.encode())]).choice(n, 3, replace=False))
+        for name, n in (("tiny_mc", len(QUESTIONS)), ("tiny_ppl", len(TEXTS)))
+    }
+    assert part.n_examples == 6
+    full = evaluator.evaluate(evaluator.resident_parameters())
+    sub = part.evaluate(part.resident_parameters())
+    expected = np.concatenate(
+        [full.per_example[drawn["tiny_mc"]], full.per_example[len(QUESTIONS) + drawn["tiny_ppl"]]]
+    )
+    np.testing.assert_allclose(sub.per_example, expected, rtol=1e-5)
+    assert sub.objectives["tiny_mc/acc"] == pytest.approx(float(np.mean(sub.per_example[:3])))
+    assert part.evaluate(part.resident_parameters()).per_example.tolist() == sub.per_example.tolist()
+    tested = part.test(part.resident_parameters())
+    assert tested["search_full_tiny_mc/acc"] == pytest.approx(full.objectives["tiny_mc/acc"])
+    assert tested["search_full_fitness"] == pytest.approx(full.objectives["fitness"], rel=1e-5)
+    assert set(tested) == set(part.metric_names()) | {f"search_full_{k}" for k in part.metric_names()}
+
+    assert _build(lm_setup, tasks=tasks, subset=0.5).n_examples == 3 + 2  # a share: ceil(6 / 2), ceil(4 / 2)
+    whole = _build(lm_setup, tasks=tasks, subset=5)  # tiny_ppl has 4 documents: all of them
+    assert whole.n_examples == 5 + 4 and whole.evaluate(whole.resident_parameters()).per_example.shape == (9,)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"subset": 3, "limit": 2}, r"^evaluator\.subset: got 3\.0 with limit 2\.0; lm-eval takes one of them"),
+        ({"subset": 1.5}, r"^evaluator\.subset: got 1\.5: a count of examples \(integer\) or a share below 1$"),
+        ({"subset": 0}, r"^evaluator\.subset: got 0\.0, must be > 0$"),
+    ],
+)
+def test_bad_subset_is_one_line(lm_setup: dict[str, Path], options: dict[str, Any], message: str) -> None:
+    with pytest.raises(SpecError, match=message):
+        _build(lm_setup, **options)

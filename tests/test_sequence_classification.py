@@ -139,7 +139,9 @@ def test_accuracies_equal_a_hand_computation(evaluator: SequenceClassificationEv
         "accuracy",
         "loss",
     ]
-    assert evaluator.layout().names == tuple(load_file(str(base / "model.safetensors")))
+    names = evaluator.layout().names  # the checkpoint's tensors, in the module's order (layer by layer)
+    assert set(names) == set(load_file(str(base / "model.safetensors")))
+    assert names == tuple(name for name, _ in evaluator.model.named_parameters())
     result = evaluator.evaluate(evaluator.resident_parameters())
     topic = _by_hand(base, files["topic_validation"], evaluator.heads["topic"], ["animal", "other"])
     mood = _by_hand(base, files["mood_validation"], load_file(str(setup["head"])), [0, 1, 2])

@@ -81,6 +81,28 @@ class EstimatesFisher(Protocol):
     ) -> dict[str, torch.Tensor]: ...
 
 
+@runtime_checkable
+class SubsetFromSeeds(Protocol):
+    """An evaluator whose fitness runs on a subset of its search split chosen from how the seed models score every
+    example of it (representative "anchor" examples), so that a cheap subset still tells candidates apart as the
+    whole split would.
+
+    Before its first evaluation, every process of a run (the driver in-process, each Ray worker, a resumed run)
+    asks `needs_seed_scores()`; if so, the run's recorded choice (`RUN/subset.json`) is passed to `use_subset`. The
+    first process to find none makes it: `full_scores` of each seed model (per-example scores on the whole search
+    split, in the order `evaluate`'s would have), stacked [seeds, examples], go to `choose_subset`, whose
+    JSON-serialisable answer is recorded and then passed to `use_subset`. A run thus keeps one subset for life,
+    whatever machine resumes it."""
+
+    def needs_seed_scores(self) -> bool: ...
+
+    def full_scores(self, params: dict[str, torch.Tensor]) -> np.ndarray: ...
+
+    def choose_subset(self, seed_scores: np.ndarray) -> dict[str, Any]: ...
+
+    def use_subset(self, record: dict[str, Any]) -> None: ...
+
+
 @dataclass
 class EvaluatorFacts:
     """What the driver may know of an evaluator it does not hold (a distributed run's is on the workers): enough to

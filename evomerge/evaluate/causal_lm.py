@@ -9,7 +9,6 @@ this evaluator is built: the other evaluators do not need it installed.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Iterator
@@ -27,12 +26,12 @@ from evomerge.evaluate import EVALUATORS
 from evomerge.evaluate.base import EvalResult
 from evomerge.evaluate.classification import resolve_device
 from evomerge.evaluate.fisher import pick_examples
+from evomerge.evaluate.hf_resident import checkpoint_parameters, layout_of, resolve_dtype
 from evomerge.schema import require
 from evomerge.weights import Layout
 
 Kind = Literal["loglik", "multiple_choice", "exact_match"]
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MAX_NLL = 700.0  # perplexity is capped at exp(700) so that a broken merge scores badly instead of overflowing
 
 
@@ -48,8 +47,9 @@ class DatasetOptions:
     delimiter: str = " "  # multiple_choice: put between question and option (lm-eval's target_delimiter)
     score_by: Literal["acc", "acc_norm"] = "acc"  # multiple_choice: which accuracy the per-example score is
     max_new_tokens: int = 16  # exact_match: greedy tokens generated at most
-    subset: int | None = None  # fitness on this many search examples (a fixed random draw); test adds the full split
-    subset_seed: int = 0  # the draw's seed
+    subset: int | None = None  # fitness on this many search examples; test adds the full split
+    subset_by: Literal["random", "anchors"] = "random"  # a fixed random draw, or anchors chosen from the seeds' scores
+    subset_seed: int = 0  # the draw's seed (anchors: the clustering's start)
 
     def check(self, path: str) -> None:
         require(
@@ -70,6 +70,11 @@ class DatasetOptions:
         require(self.max_new_tokens >= 1, f"{path}.max_new_tokens", f"got {self.max_new_tokens}, must be >= 1")
         if self.subset is not None:
             require(self.subset >= 1, f"{path}.subset", f"got {self.subset}, must be >= 1")
+        require(
+            self.subset is not None or self.subset_by == "random",
+            f"{path}.subset_by",
+            f"got {self.subset_by!r} without subset; anchors are `subset` examples, so set subset: N",
+        )
 
 
 @dataclass
@@ -106,12 +111,31 @@ class _Split:
     choice_chars: list[float] = field(default_factory=list)  # multiple_choice: character length per option
     answers: list[int] = field(default_factory=list)  # multiple_choice
     targets: list[str] = field(default_factory=list)  # exact_match
+    weights: np.ndarray | None = None  # per example: how many examples of the whole split it stands for (anchors)
 
     @property
     def n_examples(self) -> int:
         if self.kind == "multiple_choice":
             return len(self.answers)
         return len(self.sequences)
+
+    def select(self, chosen: list[int], weights: np.ndarray | None = None) -> _Split:
+        """The split of examples `chosen` (in that order), each weighted by `weights` in the metrics."""
+        if self.kind != "multiple_choice":
+            rows = [(self.sequences[i], self.n_scored[i]) for i in chosen]
+            targets = [self.targets[i] for i in chosen] if self.targets else []
+            return _Split(self.kind, [r[0] for r in rows], [r[1] for r in rows], targets=targets, weights=weights)
+        starts = np.cumsum([0, *self.choices_per_example]).tolist()
+        options = [j for i in chosen for j in range(starts[i], starts[i + 1])]
+        return _Split(
+            self.kind,
+            [self.sequences[j] for j in options],
+            [self.n_scored[j] for j in options],
+            [self.choices_per_example[i] for i in chosen],
+            [self.choice_chars[j] for j in options],
+            [self.answers[i] for i in chosen],
+            weights=weights,
+        )
 
 
 def _read_txt(path: Path, split: str) -> list[tuple[str, dict[str, Any]]]:
@@ -201,32 +225,44 @@ class CausalLMEvaluator:
     def __init__(self, options: CausalLMOptions):
         self.options = options
         self.device = resolve_device(options.device)
-        self.dtype = self._dtype(options.dtype)
+        self.dtype = resolve_dtype(options.dtype, self.device)
         if not Path(options.model).is_dir():
             raise EvomergeError(f"evaluator.model: {options.model} is not a folder (a local Hugging Face model folder)")
         field_name = "evaluator.tokenizer" if options.tokenizer else "evaluator.model"
         self.tokenizer = self._load_tokenizer(Path(options.tokenizer or options.model), field_name)
         self.model = self._load_model(Path(options.model))
-        self._names, self._resident = self._map_parameters(Path(options.model))
-        self._layout = Layout(tuple(self._names), tuple(tuple(self._resident[n].shape) for n in self._names))
+        self._resident = checkpoint_parameters(self.model, Path(options.model), "evaluator.model")
+        self._layout = layout_of(self._resident)
         self.max_length = self._max_length()
         self.vocab = self.model.get_input_embeddings().weight.shape[0]
         self.bos = [self.tokenizer.bos_token_id] if options.add_bos and self.tokenizer.bos_token_id is not None else []
         self.splits: dict[str, dict[str, _Split]] = {"search": {}, "search_full": {}, "test": {}}
         for k, dataset in enumerate(options.datasets):
-            for split, rows in self._rows(dataset, f"evaluator.datasets[{k}]").items():
-                self.splits[split][dataset.name] = self._tokenize(dataset, rows, f"evaluator.datasets[{k}]")
-            self.splits["search_full"].setdefault(dataset.name, self.splits["search"][dataset.name])
+            path = f"evaluator.datasets[{k}]"
+            search, test = self._rows(dataset, path)
+            full = self.splits["search_full"][dataset.name] = self._tokenize(dataset, search, path)
+            self.splits["test"][dataset.name] = self._tokenize(dataset, test, path)
+            self.splits["search"][dataset.name] = full  # until a subset is drawn or chosen
+            if dataset.subset is not None and dataset.subset >= full.n_examples:
+                raise SpecError(
+                    f"{path}.subset",
+                    f"got {dataset.subset}, but the search split has {full.n_examples} examples; use fewer, or none",
+                )
+            if dataset.subset is not None and dataset.subset_by == "random":
+                drawn = np.random.default_rng(dataset.subset_seed).choice(
+                    full.n_examples, dataset.subset, replace=False
+                )
+                self.splits["search"][dataset.name] = full.select(np.sort(drawn).tolist())
         self.subsets = any(d.subset is not None for d in options.datasets)
+        self._anchored = [d for d in options.datasets if d.subset_by == "anchors"]
+        self._pending = bool(self._anchored)  # anchors are chosen from the seeds' scores when a run starts
         self._stop: list[int] | None = None
-        self.n_examples = sum(s.n_examples for s in self.splits["search"].values())
+        self.n_examples = sum(
+            d.subset if d.subset is not None else self.splits["search_full"][d.name].n_examples
+            for d in options.datasets
+        )
 
     # -- building ---------------------------------------------------------------------------------------------
-
-    def _dtype(self, name: str) -> torch.dtype:
-        if name == "auto":
-            return torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        return DTYPES[name]
 
     def _load_tokenizer(self, folder: Path, field_name: str) -> Any:
         from transformers import AutoTokenizer
@@ -260,41 +296,6 @@ class CausalLMEvaluator:
         model.requires_grad_(False)  # evomerge writes candidates into these tensors in place
         return model
 
-    def _map_parameters(self, folder: Path) -> tuple[list[str], dict[str, torch.Tensor]]:
-        """Checkpoint tensor names -> the live parameters, in the module's order (so split points fall between
-        layers); a tied head is one tensor, listed once under the name the checkpoint saved."""
-        saved = _checkpoint_names(folder)
-        parameters = list(self.model.named_parameters(remove_duplicate=False))
-        if saved is None:  # no safetensors files to read names from: the module's own, ties listed once
-            saved = list(dict(self.model.named_parameters()))
-        state = self.model.state_dict(keep_vars=True)
-        prefix = f"{self.model.base_model_prefix}."
-        saved_as: dict[str, str] = {}  # module name -> checkpoint name
-        for name in saved:
-            module_name = name if name in state else prefix + name
-            if module_name not in state:
-                raise EvomergeError(
-                    f"evaluator.model: checkpoint tensor {name!r} in {folder} is no parameter of the loaded "
-                    f"{type(self.model).__name__} (transformers renames or fuses this architecture's weights)"
-                )
-            saved_as[module_name] = name
-        names: list[str] = []
-        resident: dict[str, torch.Tensor] = {}
-        listed: set[int] = set()
-        for module_name, param in parameters:
-            name = saved_as.get(module_name)
-            if name is not None and id(param) not in listed:
-                names.append(name)
-                resident[name] = param
-                listed.add(id(param))
-        for module_name, param in parameters:
-            if id(param) not in listed:
-                raise EvomergeError(
-                    f"evaluator.model: {folder} has no weights for parameter {module_name!r} {tuple(param.shape)}; "
-                    "transformers initialised it at random, so the model is not the checkpoint"
-                )
-        return names, resident
-
     def _max_length(self) -> int:
         config = self.model.config
         context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
@@ -307,22 +308,12 @@ class CausalLMEvaluator:
             raise EvomergeError(f"evaluator.max_length: got {wanted}, longer than the model's context ({context})")
         return wanted
 
-    def _rows(self, dataset: DatasetOptions, path: str) -> dict[str, list]:
+    def _rows(self, dataset: DatasetOptions, path: str) -> tuple[list, list]:
+        """The (search, test) rows of one dataset."""
         search = load_examples(Path(dataset.search), dataset.kind, dataset.txt_split)
         if dataset.test is not None:
-            test = load_examples(Path(dataset.test), dataset.kind, dataset.txt_split)
-        else:
-            rows = split_rows(search, dataset.test_fraction, dataset.split_seed, f"{path}.search ({dataset.search})")
-            search, test = rows
-        if dataset.subset is None:
-            return {"search": search, "test": test}
-        if dataset.subset >= len(search):
-            raise SpecError(
-                f"{path}.subset",
-                f"got {dataset.subset}, but the search split has {len(search)} examples; use fewer, or none",
-            )
-        chosen = np.sort(np.random.default_rng(dataset.subset_seed).choice(len(search), dataset.subset, replace=False))
-        return {"search": [search[i] for i in chosen], "search_full": search, "test": test}
+            return search, load_examples(Path(dataset.test), dataset.kind, dataset.txt_split)
+        return split_rows(search, dataset.test_fraction, dataset.split_seed, f"{path}.search ({dataset.search})")
 
     def _encode(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -402,7 +393,7 @@ class CausalLMEvaluator:
         chosen = pick_examples(len(sequences), examples, seed)
         self._load(params)
         generator = torch.Generator(device=self.device).manual_seed(seed)
-        leaves = [self._resident[n] for n in self._names]
+        leaves = list(self._resident.values())
         sums = [torch.zeros(t.shape, dtype=torch.float32, device=self.device) for t in leaves]
         try:
             for t in leaves:
@@ -418,7 +409,53 @@ class CausalLMEvaluator:
         finally:
             for t in leaves:
                 t.requires_grad_(False)
-        return {n: (total / len(chosen)).cpu() for n, total in zip(self._names, sums)}
+        return {n: (total / len(chosen)).cpu() for n, total in zip(self._resident, sums)}
+
+    # -- anchor examples (`SubsetFromSeeds`) -------------------------------------------------------------------
+
+    def needs_seed_scores(self) -> bool:
+        return bool(self._anchored)
+
+    def full_scores(self, params: dict[str, torch.Tensor]) -> np.ndarray:
+        """Per-example scores on the whole search split of every dataset, in `evaluate`'s order."""
+        self._load(params)
+        return self._metrics("search_full")[1]
+
+    def choose_subset(self, seed_scores: np.ndarray) -> dict[str, Any]:
+        """Per `subset_by: anchors` dataset, its anchors (indices into its whole search split) and their weights,
+        from the seeds' scores [seeds, examples of every dataset's whole search split]."""
+        record: dict[str, Any] = {}
+        start = 0
+        for dataset in self.options.datasets:
+            n = self.splits["search_full"][dataset.name].n_examples
+            if dataset.subset is not None and dataset.subset_by == "anchors":
+                features = np.asarray(seed_scores)[:, start : start + n].T
+                examples, weights = anchor_examples(features, dataset.subset, dataset.subset_seed)
+                record[dataset.name] = {"examples": examples, "weights": weights.tolist()}
+            start += n
+        return record
+
+    def use_subset(self, record: dict[str, Any]) -> None:
+        """Score the anchors of a record `choose_subset` made (the run's `subset.json`) from now on."""
+        for dataset in self._anchored:
+            full = self.splits["search_full"][dataset.name]
+            entry = record.get(dataset.name) if isinstance(record, dict) else None
+            examples, weights = (entry.get("examples"), entry.get("weights")) if isinstance(entry, dict) else ([], [])
+            fits = (
+                isinstance(examples, list)
+                and isinstance(weights, list)
+                and len(examples) == dataset.subset == len(weights)
+                and all(isinstance(i, int) and 0 <= i < full.n_examples for i in examples)
+                and sorted(set(examples)) == examples
+                and all(isinstance(w, (int, float)) and w > 0 for w in weights)
+            )
+            if not fits:
+                raise EvomergeError(
+                    f"the run's subset record does not fit dataset {dataset.name!r}: it needs {dataset.subset} "
+                    f"distinct anchors (in order) among its {full.n_examples} search examples, each with a weight > 0"
+                )
+            self.splits["search"][dataset.name] = full.select(examples, np.asarray(weights, dtype=np.float64))
+        self._pending = False
 
     def metric_names(self) -> list[str]:
         """What `evaluate` returns, so a strategy's objectives are checked before the first evaluation."""
@@ -516,9 +553,10 @@ class CausalLMEvaluator:
         scores, means = [], []
         for dataset in self.options.datasets:
             split, name = self.splits[split_name][dataset.name], dataset.name
+            weights = split.weights
             if split.kind == "loglik":
                 sums, counts = self._logliks(split, name), np.asarray(split.n_scored, dtype=np.float64)
-                mean = float(sums.sum() / counts.sum())
+                mean = float(sums.sum() / counts.sum() if weights is None else (weights @ sums) / (weights @ counts))
                 metrics[f"loglik_{name}"] = mean
                 metrics[f"perplexity_{name}"] = math.exp(min(-mean, MAX_NLL))
                 per_example = np.exp(sums / counts)
@@ -531,19 +569,24 @@ class CausalLMEvaluator:
                     acc.append(float(np.argmax(options) == answer))
                     acc_norm.append(float(np.argmax(options / chars[start : start + count]) == answer))
                     start += count
-                metrics[f"acc_{name}"] = float(np.mean(acc))
-                metrics[f"acc_norm_{name}"] = float(np.mean(acc_norm))
+                metrics[f"acc_{name}"] = _mean(np.asarray(acc), weights)
+                metrics[f"acc_norm_{name}"] = _mean(np.asarray(acc_norm), weights)
                 per_example = np.asarray(acc if dataset.score_by == "acc" else acc_norm)
             else:
                 texts = self._generate(split, dataset.max_new_tokens, name)
                 per_example = np.asarray([float(t == target) for t, target in zip(texts, split.targets)])
-                metrics[f"exact_match_{name}"] = float(per_example.mean())
+                metrics[f"exact_match_{name}"] = _mean(per_example, weights)
             scores.append(per_example)
-            means.append(float(per_example.mean()))
+            means.append(_mean(per_example, weights))
         metrics["score"] = float(np.mean(means))
         return metrics, np.concatenate(scores).astype(np.float32)
 
     def evaluate(self, params: dict[str, torch.Tensor]) -> EvalResult:
+        if self._pending:
+            raise EvomergeError(
+                "evaluator.datasets: anchor examples (subset_by: anchors) are chosen from the seed models' scores "
+                "when a run starts; outside a run, call use_subset(choose_subset(seed scores)) first"
+            )
         self._load(params)
         metrics, per_example = self._metrics("search")
         return EvalResult(metrics, per_example)
@@ -556,6 +599,64 @@ class CausalLMEvaluator:
         if self.subsets:
             metrics |= {f"search_full_{k}": v for k, v in self._metrics("search_full")[0].items()}
         return metrics
+
+
+def _mean(values: np.ndarray, weights: np.ndarray | None) -> float:
+    """The mean of per-example values, each anchor counting for the examples it stands for."""
+    return float(values.mean() if weights is None else np.average(values, weights=weights))
+
+
+def anchor_examples(features: np.ndarray, count: int, seed: int) -> tuple[list[int], np.ndarray]:
+    """`count` examples that stand for all of them, and how many examples each stands for.
+
+    `features` holds one row per example: its scores under each seed model. Examples the seeds score alike (easy
+    for all, hard for all, one seed's speciality) are clustered: k-means (a k-means++ start drawn with `seed`, then
+    Lloyd steps) over the distinct rows, each weighted by how often it occurs, with k = min(count, distinct rows).
+    Every cluster gets one anchor and the rest go one at a time to the cluster whose anchors stand for the most
+    examples apiece (ties: the cluster of the earliest example); a cluster's anchors are its examples nearest its
+    centre, each weighing cluster size / anchors. As tinyBenchmarks' anchor points (Polo et al., 2024), the
+    weighted means over anchors estimate the whole split's means for the seeds, and, unlike a random draw, no kind
+    of example is missed or crowded out."""
+    features = np.asarray(features, dtype=np.float64)
+    points, inverse, counts = np.unique(features, axis=0, return_inverse=True, return_counts=True)
+    inverse = inverse.reshape(-1)
+    rng = np.random.default_rng(seed)
+    picked = [int(rng.choice(len(points), p=counts / counts.sum()))]
+    nearest = ((points - points[picked[0]]) ** 2).sum(-1)
+    while len(picked) < min(count, len(points)) and nearest.sum() > 0:  # k-means++: likely far from those chosen
+        weight = nearest * counts
+        picked.append(int(rng.choice(len(points), p=weight / weight.sum())))
+        nearest = np.minimum(nearest, ((points - points[picked[-1]]) ** 2).sum(-1))
+    centres = points[picked]
+
+    def nearest_centre() -> np.ndarray:
+        return ((points[:, None, :] - centres[None]) ** 2).sum(-1).argmin(1)
+
+    for _ in range(100):
+        assign = nearest_centre()
+        moved = centres.copy()
+        for c in range(len(centres)):
+            members = assign == c
+            if members.any():  # an emptied cluster keeps its centre (and is dropped below)
+                moved[c] = np.average(points[members], axis=0, weights=counts[members])
+        if np.array_equal(moved, centres):
+            break
+        centres = moved
+    cluster = nearest_centre()[inverse]
+    distance = ((features - centres[cluster]) ** 2).sum(-1)
+    used = sorted({int(c) for c in cluster}, key=lambda c: int(np.flatnonzero(cluster == c)[0]))  # by first member
+    sizes = np.array([(cluster == c).sum() for c in used], dtype=np.float64)
+    anchors = np.ones(len(used), dtype=np.int64)
+    while anchors.sum() < count:  # count < examples, so some cluster has members left
+        share = np.where(anchors < sizes, sizes / anchors, -np.inf)
+        anchors[int(np.argmax(share))] += 1
+    chosen: list[tuple[int, float]] = []
+    for c, size, n in zip(used, sizes, anchors):
+        members = np.flatnonzero(cluster == c)
+        nearest_first = members[np.lexsort((members, distance[members]))]
+        chosen += [(int(i), float(size / n)) for i in nearest_first[:n]]
+    chosen.sort()
+    return [i for i, _ in chosen], np.array([w for _, w in chosen])
 
 
 class _FiniteLogits:
@@ -576,20 +677,6 @@ def _move_space(context: str, continuation: str) -> tuple[str, str]:
     if spaces:
         return context[:-spaces], context[-spaces:] + continuation
     return context, continuation
-
-
-def _checkpoint_names(folder: Path) -> list[str] | None:
-    """Tensor names as the checkpoint's safetensors files hold them (None: no safetensors files)."""
-    from safetensors import safe_open
-
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        return list(json.loads(index.read_text())["weight_map"])
-    single = folder / "model.safetensors"
-    if not single.is_file():
-        return None
-    with safe_open(str(single), "pt") as f:
-        return list(f.keys())
 
 
 def _first_line(err: BaseException) -> str:

@@ -59,27 +59,33 @@ def load_model(auto_class: Any, folder: Path, dtype: torch.dtype, device: torch.
 
 
 def checkpoint_parameters(model: torch.nn.Module, folder: Path, field: str) -> dict[str, torch.Tensor]:
-    """The model's live parameters keyed by the checkpoint's tensor names, in the files' order.
+    """The model's live parameters keyed by the checkpoint's tensor names, in the module's order (so that split
+    points fall between layers). Shared by every evaluator that keeps a transformers model resident.
 
-    A checkpoint tensor that is no parameter of this model (a buffer such as `position_ids`, another task's
-    head) is left out; a parameter no checkpoint tensor fills (it would be randomly initialised) is refused.
-    A tied output head is a parameter once, under the name the files use."""
-    params = dict(model.named_parameters())
+    A checkpoint name may carry the model's base-model prefix where the module's does not (`bert.` of a backbone
+    saved from a classifier) or lack it where the module has it. A checkpoint tensor that is no parameter of this
+    model (a buffer such as `position_ids`, another task's head) is left out; a parameter no checkpoint tensor
+    fills (it would be randomly initialised) is refused. A tied output head is one parameter, listed once under
+    the name the files use. A folder without safetensors files (pickled weights only) keys the parameters by the
+    module's own names."""
+    saved = set(Checkpoint.open(folder).names()) if any(folder.glob("*.safetensors")) else None
     prefix = getattr(model, "base_model_prefix", "") or ""
-    resident: dict[str, torch.Tensor] = {}
-    filled: set[int] = set()
-    for name in Checkpoint.open(folder).names():
-        own = name if name in params or not prefix else name.removeprefix(f"{prefix}.")
-        if own in params and params[own].is_floating_point() and id(params[own]) not in filled:
-            resident[name] = params[own]
-            filled.add(id(params[own]))
-    missing = [name for name, p in params.items() if id(p) not in filled]
+    named: dict[int, str] = {}  # id(parameter) -> its checkpoint name
+    for own, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in named:
+            continue
+        aliases = [own, own.removeprefix(f"{prefix}."), f"{prefix}.{own}"] if prefix else [own]
+        found = next((name for name in aliases if saved is None or name in saved), None)
+        if found is not None:
+            named[id(param)] = found
+    params = dict(model.named_parameters())
+    missing = [name for name, p in params.items() if id(p) not in named]
     if missing:
         raise EvomergeError(
             f"{field}: the checkpoint in {str(folder)!r} has no tensor for the model's parameter {missing[0]!r}"
-            f" ({len(missing)} parameters in all)"
+            f" ({len(missing)} parameters in all); transformers would initialise it at random"
         )
-    return resident
+    return {named[id(p)]: p for p in params.values()}
 
 
 def layout_of(resident: dict[str, torch.Tensor]) -> Layout:

@@ -12,6 +12,7 @@ import contextlib
 import difflib
 import io
 import math
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -65,6 +66,8 @@ class LmEvalOptions:
     num_fewshot: int | None = None
     fewshot_seed: int = 1234
     limit: float | None = None
+    subset: float | None = None  # search documents per task: a count or a share, a fixed random draw (lm-eval samples)
+    subset_seed: int = 0
     apply_chat_template: bool | str = False
     fewshot_as_multiturn: bool = True
     system_instruction: str | None = None
@@ -82,11 +85,19 @@ class LmEvalOptions:
         require(len(self.tasks) >= 1, f"{path}.tasks", "needs at least one lm-eval task")
         require(self.test_tasks is None or len(self.test_tasks) >= 1, f"{path}.test_tasks", "null or a task list")
         require(self.batch_size >= 1, f"{path}.batch_size", f"got {self.batch_size}, must be >= 1")
-        require(self.limit is None or self.limit > 0, f"{path}.limit", f"got {self.limit}, must be > 0")
+        for key in ("limit", "subset"):
+            value = getattr(self, key)
+            require(value is None or value > 0, f"{path}.{key}", f"got {value}, must be > 0")
+            require(
+                value is None or value < 1 or value == int(value),
+                f"{path}.{key}",
+                f"got {value}: a count of examples (integer) or a share below 1",
+            )
         require(
-            self.limit is None or self.limit < 1 or self.limit == int(self.limit),
-            f"{path}.limit",
-            f"got {self.limit}: a count of examples (integer) or a share below 1",
+            self.subset is None or self.limit is None,
+            f"{path}.subset",
+            f"got {self.subset} with limit {self.limit}; lm-eval takes one of them: the first documents (limit) or a "
+            "random draw (subset)",
         )
         require(self.num_fewshot is None or self.num_fewshot >= 0, f"{path}.num_fewshot", "must be >= 0")
         for i, folder in enumerate(self.include_path):
@@ -111,6 +122,7 @@ class _Task:
     chosen: list[_Metric]  # the ones in the fitness; the first gives per-example scores
     aggregation: str  # lm-eval's aggregation of chosen[0]
     n_docs: int
+    samples: list[int] | None = None  # the documents evaluated (lm-eval's `samples`), when not all
 
 
 def _first_line(err: BaseException) -> str:
@@ -139,6 +151,9 @@ class LmEvalEvaluator:
             tests = options.test_tasks if options.test_tasks is not None else options.tasks
             field_name = f"{path}.test_tasks" if options.test_tasks is not None else f"{path}.tasks"
             self._test = self._load(manager, tests, options.test_split, field_name, False)
+        if options.subset is not None:
+            for t in self._search:
+                self._draw(t, options.subset, options.subset_seed)
         self.tasks = [t.name for t in self._search]
         self.n_examples = sum(t.n_docs for t in self._search) if options.per_example else None
         self.device = resolve_device(options.device)
@@ -244,6 +259,17 @@ class LmEvalEvaluator:
             )
         return _Task(task, name, entry.weight / n_leaves, reported, chosen, aggregation_name, n_docs)
 
+    @staticmethod
+    def _draw(t: _Task, subset: float, seed: int) -> None:
+        """A fixed random draw of a task's documents, its own per task (seeded by `seed` and the task's name, so it
+        does not change with the other tasks listed); a task with no more documents than asked for is kept whole."""
+        n = t.n_docs
+        k = math.ceil(n * subset) if subset < 1 else int(subset)
+        if k < n:
+            rng = np.random.default_rng([seed, zlib.crc32(t.name.encode())])
+            t.samples = np.sort(rng.choice(n, k, replace=False)).tolist()
+            t.n_docs = k
+
     def layout(self) -> Layout:
         return self._layout
 
@@ -255,14 +281,16 @@ class LmEvalEvaluator:
         return [m.name for t in self._search for m in t.reported] + ["fitness"]
 
     def _run(
-        self, params: dict[str, torch.Tensor], tasks: list[_Task], per_example: bool
+        self, params: dict[str, torch.Tensor], tasks: list[_Task], per_example: bool, whole: bool = False
     ) -> tuple[dict[str, float], np.ndarray | None]:
+        """lm-eval on `tasks` (each on its drawn documents, or on all of them when `whole`)."""
         from lm_eval.evaluator import evaluate as lm_evaluate
 
         write_into(self._resident, params)
         for t in tasks:
             t.task.set_fewshot_seed(seed=self.options.fewshot_seed)  # the same few-shot prompts for every candidate
         limit = self.options.limit
+        samples = None if whole else {t.name: t.samples for t in tasks if t.samples is not None}
         # lm-eval draws several progress bars on stderr per evaluation: thousands in a search, unless asked for
         hide = contextlib.nullcontext() if self.options.progress_bars else contextlib.redirect_stderr(io.StringIO())
         with hide:
@@ -270,6 +298,7 @@ class LmEvalEvaluator:
                 lm=self.lm,
                 task_dict={"tasks": {t.name: t.task for t in tasks}, "groups": {}, "group_map": {}},
                 limit=int(limit) if limit is not None and limit >= 1 else limit,
+                samples=samples or None,
                 bootstrap_iters=0,
                 log_samples=per_example,
                 system_instruction=self.options.system_instruction,
@@ -319,7 +348,13 @@ class LmEvalEvaluator:
         return EvalResult(objectives, scores)
 
     def test(self, params: dict[str, torch.Tensor]) -> dict[str, float]:
-        return self._run(params, self._test, False)[0] if self._test else {}
+        """The test split's metrics; with `subset`, also the search split's on every document as
+        `search_full_<objective>` (what the subset stands in for)."""
+        metrics = self._run(params, self._test, False)[0] if self._test else {}
+        if self.options.subset is not None:
+            whole = self._run(params, self._search, False, whole=True)[0]
+            metrics |= {f"search_full_{k}": v for k, v in whole.items()}
+        return metrics
 
 
 @EVALUATORS.register("lm_eval", LmEvalOptions, "lm-evaluation-harness tasks on the resident causal LM")

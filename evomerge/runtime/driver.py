@@ -11,11 +11,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from evomerge.errors import RunDirError
+from evomerge.errors import EvomergeError, RunDirError
 from evomerge.evaluate import EVALUATORS, Evaluator
-from evomerge.evaluate.base import EvaluatorFacts, ResidentModel, RunBound, evaluator_facts
+from evomerge.evaluate.base import EvaluatorFacts, ResidentModel, RunBound, SubsetFromSeeds, evaluator_facts
 from evomerge.pareto import Objectives
 from evomerge.runtime.executor import InProcessExecutor
 from evomerge.runtime.manager import SearchManager
@@ -28,6 +29,7 @@ from evomerge.space.weights import check_size as check_weights_size
 from evomerge.spec import ExecutorSpec, SearchSpec
 from evomerge.store import NoSpaceError, RunDir, read_journal
 from evomerge.store.atomic import atomic_write_text, reporting_full_disk
+from evomerge.store.lock import taking_turns
 from evomerge.weights import Layout
 from evomerge.weights.io import write_model
 from evomerge.weights.seed_models import SeedModels
@@ -63,6 +65,30 @@ def make_seeds(spec: SearchSpec, seeds_dir: Path, evaluator: Evaluator | None = 
     save_seeds(seeds_dir, build_seeds(spec.models, evaluator, spec.evaluator.to_plain(), spec.seed), layout)
 
 
+SUBSET_FILE = "subset.json"
+
+
+def settle_subset(evaluator: Evaluator, seeds_dir: Path) -> None:
+    """Give an evaluator that picks its search subset from the seeds' scores (`SubsetFromSeeds`) the run's choice,
+    made by the first process that needs it: each seed scored on the whole search split, the evaluator's choice
+    recorded in RUN/subset.json. Later processes (other Ray workers, a resumed run) read the record, so a run keeps
+    one subset for life."""
+    if not isinstance(evaluator, SubsetFromSeeds) or not evaluator.needs_seed_scores():
+        return
+    record = seeds_dir.parent / SUBSET_FILE
+    with taking_turns(seeds_dir.parent / f".{SUBSET_FILE}.lock"):
+        if not record.is_file():
+            seeds = load_seeds(seeds_dir, evaluator.layout())
+            scores = [
+                evaluator.full_scores({n: seeds.tensor(k, n) for n in seeds.layout.names}) for k in range(len(seeds))
+            ]
+            atomic_write_text(record, json.dumps(evaluator.choose_subset(np.stack(scores))) + "\n")
+    try:
+        evaluator.use_subset(json.loads(record.read_text()))
+    except (ValueError, EvomergeError) as err:  # a record edited or cut by hand
+        raise EvomergeError(f"{record}: {err}") from err
+
+
 def search_space(
     spec: SearchSpec,
     seeds_dir: Path,
@@ -86,6 +112,7 @@ def evaluation_parts(spec: SearchSpec, seeds_dir: Path, run_dir: Path | None = N
     the space over the seeds, resident on the evaluator's device. `run_dir` defaults to the folder holding
     `seeds_dir` (RUN/seeds), which is all a worker is given."""
     evaluator = build_evaluator(spec, run_dir if run_dir is not None else seeds_dir.parent)
+    settle_subset(evaluator, seeds_dir)
     return evaluator, search_space(spec, seeds_dir, evaluator.layout(), evaluator_device(evaluator))
 
 
@@ -108,6 +135,7 @@ def build_manager(run: RunDir, spec: SearchSpec, budget: int, fresh_seeds: bool,
         evaluator = build_evaluator(spec, run.path)
         if fresh_seeds:
             make_seeds(spec, run.seeds_dir, evaluator)
+        settle_subset(evaluator, run.seeds_dir)
         space = search_space(spec, run.seeds_dir, evaluator.layout(), evaluator_device(evaluator), verify=verify)
         strategy = STRATEGIES.build(spec.strategy, space=space, seed=spec.seed)
         check_strategy(strategy, evaluator_facts(evaluator))

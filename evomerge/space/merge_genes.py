@@ -3,14 +3,17 @@
 A genome is a point in the unit cube. One gene picks the operator when several are listed; every
 other gene is one value of a knob (`weights`, `scale`, `density`, `drop_rate`, `t`, …) mapped to
 its range. The decoded model is the chosen operator applied tensor by tensor to the seed models,
-with each tensor getting the knob values of its block.
+with each tensor getting the knob values of its block. With `smooth`, per-block genes are anchors
+over the layer groups and each layer gets the value interpolated at its depth (mergekit-evolve's
+`smooth`), so neighbouring layers never jump from one group's value to the next.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -24,7 +27,8 @@ from evomerge.schema import require
 from evomerge.space import SPACES
 from evomerge.space.base import WritesIntoBuffers
 from evomerge.weights import Layout
-from evomerge.weights.blocks import block_map, check_block_options
+from evomerge.weights.blocks import BlockMap, block_map, check_block_options
+from evomerge.weights.checkpoint import Checkpoint
 from evomerge.weights.seed_models import SeedModels, as_seed_models
 
 Per = Literal["global", "model", "block", "model_block"]
@@ -51,10 +55,34 @@ class MergeGenesOptions:
     filters: list[str] = field(default_factory=list)  # split each layer block by tensor name, e.g. [self_attn, mlp]
     genes: dict[str, GeneSpec] = field(default_factory=lambda: {"scale": GeneSpec(0.0, 1.5)})
     fixed: dict[str, Any] = field(default_factory=dict)
+    smooth: bool = False  # per-block genes: anchors over the layer groups, interpolated at each layer's depth
+    fishers: list[str] = field(default_factory=list)  # method fisher: one Fisher file per merged seed model
 
     def check(self, path: str) -> None:
         require(len(self.methods) >= 1, f"{path}.methods", "needs at least one merge method")
         check_block_options(path, self.blocks, self.layer_granularity, self.filters)
+        if self.smooth:
+            require(
+                self.blocks == "layer",
+                f"{path}.smooth",
+                f"interpolates across layers, so it needs blocks by layer, not {self.blocks!r}",
+            )
+            require(
+                any(gene.per in ("block", "model_block") for gene in self.genes.values()),
+                f"{path}.smooth",
+                "interpolates per-block genes across layers, but no gene has per: block or model_block",
+            )
+        if "fisher" in self.methods:
+            require(
+                bool(self.fishers),
+                f"{path}.fishers",
+                "method 'fisher' needs one Fisher file per merged seed model (the seeds other than base), e.g. "
+                "made by `evomerge fisher`",
+            )
+        else:
+            require(not self.fishers, f"{path}.fishers", "only method 'fisher' uses them; list it in methods")
+        for i, fisher in enumerate(self.fishers):
+            require(Path(fisher).is_file(), f"{path}.fishers[{i}]", f"{fisher!r} is not a file")
         fields_of = {}
         for i, name in enumerate(self.methods):
             entry = MERGE_METHODS.entry(name, f"{path}.methods[{i}]")
@@ -91,6 +119,9 @@ class MergeGenesSpace(WritesIntoBuffers):
         self.model_indices = [i for i in range(len(self.seeds)) if i != base_index]
         names = list(layout.names)
         self.blockmap = block_map(names, options.blocks, options.regex, options.layer_granularity, options.filters)
+        # the blocks the merge runs over: the genes' blocks, or with smooth every layer (split by the same filters)
+        self.merge_blocks = block_map(names, "layer", options.regex, 1, options.filters) if options.smooth else None
+        self.mix = self._interpolation()
         n_blocks, n_models = len(self.blockmap.blocks), len(self.model_indices)
         counts = {"global": 1, "model": n_models, "block": n_blocks, "model_block": n_models * n_blocks}
         self.choose_method = len(options.methods) > 1
@@ -101,6 +132,82 @@ class MergeGenesSpace(WritesIntoBuffers):
             offset += counts[gene.per]
         self.dim = offset
         self.low, self.high = np.zeros(self.dim), np.ones(self.dim)
+        self.fisher_files = self._check_fishers(options.fishers)
+
+    @property
+    def engine_blocks(self) -> BlockMap:
+        return self.merge_blocks or self.blockmap
+
+    def _interpolation(self) -> list[list[tuple[int, float]]]:
+        """Per merge block, the gene blocks its values come from and their weights. Without smoothing, its own
+        block. With it, a layer block's value is read off the gradient of its part's layer-group anchors (group g
+        of K at depth g/(K-1)) at the layer's depth i/(L-1) (1 for a single layer), as mergekit reads a list of
+        values over the layers; blocks outside the layers (`embed`, `head`) keep their own genes."""
+        genes = self.blockmap
+        if self.merge_blocks is None:
+            return [[(b, 1.0)] for b in range(len(genes.blocks))]
+        merge, n_layers = self.merge_blocks, self.merge_blocks.n_layers
+        anchors: dict[str, set[int]] = {}  # a layer block's part ('' or '.mlp', ...) -> the gene blocks of that part
+        place: dict[str, tuple[int, str] | int] = {}  # merge block -> (layer, part), or its own gene block
+        for name, block in merge.tensor_blocks.items():
+            layer = merge.layers.get(name)
+            if layer is None:
+                place[block] = genes.index(name)
+            else:
+                part = block.removeprefix(f"layer.{layer}")
+                anchors.setdefault(part, set()).add(genes.index(name))
+                place[block] = (layer, part)
+        mix = []
+        for block in merge.blocks:
+            where = place[block]
+            if isinstance(where, int):
+                mix.append([(where, 1.0)])
+                continue
+            layer, part = where
+            row = sorted(anchors[part])
+            scaled = (layer / (n_layers - 1) if n_layers > 1 else 1.0) * (len(row) - 1)
+            low = int(scaled)
+            frac = scaled - low
+            mix.append([(row[low], 1.0)] if frac == 0 else [(row[low], 1.0 - frac), (row[low + 1], frac)])
+        return mix
+
+    def _check_fishers(self, paths: list[str]) -> list[Checkpoint]:
+        """The Fisher files, checked before the search: one per merged seed model, each with every merged tensor in
+        the seeds' shape (a tied head is merged under its embedding's name, so it may be absent)."""
+        if not paths:
+            return []
+        n = len(self.model_indices)
+        require(
+            len(paths) == n,
+            "space.fishers",
+            f"got {len(paths)} Fisher files for {n} merged seed models (the seeds other than base); need one each",
+        )
+        files = [Checkpoint.open(p) for p in paths]
+        for i, fisher in enumerate(files):
+            held = set(fisher.names())
+            for name, shape in zip(self.layout.names, self.layout.shapes):
+                if name in self.tied:
+                    continue
+                require(name in held, f"space.fishers[{i}]", f"{paths[i]!r} has no tensor {name!r}")
+                require(
+                    tuple(fisher.shape(name)) == tuple(shape),
+                    f"space.fishers[{i}]",
+                    f"tensor {name!r} has shape {tuple(fisher.shape(name))} in {paths[i]!r}, the seeds' is {shape}",
+                )
+        return files
+
+    @cached_property
+    def _fisher_tensors(self) -> list[dict[str, torch.Tensor]]:
+        """Resident seeds get their Fisher tensors resident too (read once, float32, on their device)."""
+        device = self.seeds.device
+        names = [n for n in self.layout.names if n not in self.tied]
+        return [{n: f.read(n).to(device=device, dtype=torch.float32) for n in names} for f in self.fisher_files]
+
+    def fishers(self, name: str) -> list[torch.Tensor]:
+        """Each merged model's Fisher tensor `name`, from memory where the seeds are resident, else from the files."""
+        if self.seeds.device is None:
+            return [f.read(name) for f in self.fisher_files]
+        return [tensors[name] for tensors in self._fisher_tensors]
 
     @cached_property
     def tied(self) -> dict[str, str]:
@@ -118,21 +225,26 @@ class MergeGenesSpace(WritesIntoBuffers):
         return methods[min(len(methods) - 1, int(float(genome[0]) * len(methods)))]
 
     def knobs(self, genome: np.ndarray, block: int, method: str | None = None) -> dict[str, Any]:
-        """The option values block `block` gets: genes mapped to their ranges, plus the fixed options,
-        keeping only those the method has (a `density` gene means nothing to task arithmetic)."""
+        """The option values merge block `block` (of `engine_blocks`) gets: genes mapped to their ranges (with
+        smooth, interpolated at its layer), plus the fixed options, keeping only those the method has (a `density`
+        gene means nothing to task arithmetic)."""
         values: dict[str, Any] = dict(self.options.fixed)
         n_models, n_blocks = len(self.model_indices), len(self.blockmap.blocks)
+
+        def at(per_block: np.ndarray) -> float:
+            return float(sum(weight * per_block[gene_block] for gene_block, weight in self.mix[block]))
+
         for knob, gene in self.options.genes.items():
             raw = np.clip(np.asarray(genome[self.gene_slices[knob]], dtype=np.float64), 0.0, 1.0)
             mapped = gene.low + raw * (gene.high - gene.low)
             if gene.per == "global":
                 value: Any = float(mapped[0])
             elif gene.per == "block":
-                value = float(mapped[block])
+                value = at(mapped)
             elif gene.per == "model":
                 value = [float(v) for v in mapped]
             else:
-                value = [float(v) for v in mapped.reshape(n_models, n_blocks)[:, block]]
+                value = [at(row) for row in mapped.reshape(n_models, n_blocks)]
             if knob == "weights" and not isinstance(value, list):
                 value = [value] * n_models
             values[knob] = value
@@ -148,31 +260,40 @@ class MergeGenesSpace(WritesIntoBuffers):
     def to_plan(self, genome: np.ndarray, seed_paths: list[str]) -> dict[str, Any]:
         """A merge plan (`evomerge merge`) that applies this genome's merge to the seed checkpoints."""
         base_index = self.options.base
-        per_block = {block: self.knobs(genome, i) for i, block in enumerate(self.blockmap.blocks)}
+        blocks = self.engine_blocks.blocks
+        per_block = {block: self.knobs(genome, i) for i, block in enumerate(blocks)}
+        method = self.method_of(genome)
         plan: dict[str, Any] = {
-            "method": {"name": self.method_of(genome), **per_block[self.blockmap.blocks[0]]},
+            "method": {"name": method, **per_block[blocks[0]]},
             "models": [p for i, p in enumerate(seed_paths) if i != base_index],
             "blocks": per_block,
             "block_by": self.options.blocks,
         }
         if base_index is not None:
             plan["base"] = seed_paths[base_index]
-        for key in ("regex", "layer_granularity", "filters"):
-            if getattr(self.options, key) not in (None, 1, []):
+        if self.merge_blocks is None and self.options.layer_granularity != 1:  # a smoothed plan has a block per layer
+            plan["layer_granularity"] = self.options.layer_granularity
+        for key in ("regex", "filters"):
+            if getattr(self.options, key) not in (None, []):
                 plan[key] = getattr(self.options, key)
+        if method == "fisher":
+            plan["fishers"] = [str(Path(p).resolve()) for p in self.options.fishers]
         return plan
 
     def engine(self, genome: np.ndarray) -> MergeEngine:
-        blocks = self.blockmap
+        blocks = self.engine_blocks
         per_block = {name: self.merge_component(genome, b) for b, name in enumerate(blocks.blocks)}
         return MergeEngine(per_block[blocks.blocks[0]], list(self.layout.names), blocks, per_block, self.tied)
 
     def tensors(self, genome: np.ndarray) -> Iterator[tuple[str, torch.Tensor]]:
-        return self.engine(genome).merged(self.read)
+        return self.engine(genome).merged(self.read, self._fisher_reader())
 
     def write(self, genome: np.ndarray, out: dict[str, torch.Tensor]) -> None:
-        for _ in self.engine(genome).merged(self.read, out=out):
+        for _ in self.engine(genome).merged(self.read, self._fisher_reader(), out=out):
             pass
+
+    def _fisher_reader(self) -> Callable[[str], list[torch.Tensor]] | None:
+        return self.fishers if self.fisher_files else None
 
     def read(self, name: str) -> TensorGroup:
         base = None if self.base_index is None else self.seeds.tensor(self.base_index, name)

@@ -1,9 +1,12 @@
-"""One driver per run directory: an flock that the OS drops when the holder dies, even by SIGKILL."""
+"""One driver per run directory, and turns at one-time steps of a run: flocks that the OS drops when the holder
+dies, even by SIGKILL."""
 
 from __future__ import annotations
 
 import fcntl
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from evomerge.errors import RunDirError
@@ -60,3 +63,15 @@ class RunLock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+@contextmanager
+def taking_turns(path: str | Path) -> Iterator[None]:
+    """An exclusive flock that waits: the processes of one run (Ray workers starting together) take turns at a step
+    only the first of them must do."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing drops the lock
