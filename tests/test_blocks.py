@@ -44,6 +44,11 @@ BERT = (
     + [f"bert.encoder.layer.{i}.{p}" for i in range(2) for p in ("attention.self.query.weight", "output.dense.weight")]
     + ["bert.pooler.dense.weight", "classifier.weight"]
 )
+NEOX = (  # GPT-NeoX (Pythia): the output head is `embed_out`
+    ["gpt_neox.embed_in.weight"]
+    + [f"gpt_neox.layers.{i}.{p}" for i in range(2) for p in ("attention.dense.weight", "mlp.dense_4h_to_h.weight")]
+    + ["gpt_neox.final_layer_norm.weight", "embed_out.weight"]
+)
 
 
 @pytest.mark.parametrize(
@@ -52,11 +57,15 @@ BERT = (
         (LLAMA, 5, "model.layers.0.mlp.up_proj.weight", "lm_head.weight"),
         (GPT2, 3, "transformer.h.0.attn.c_attn.weight", "transformer.ln_f.weight"),
         (BERT, 2, "bert.encoder.layer.0.output.dense.weight", "classifier.weight"),
+        (NEOX, 2, "gpt_neox.layers.0.attention.dense.weight", "embed_out.weight"),
     ],
-    ids=["llama", "gpt2", "bert"],
+    ids=["llama", "gpt2", "bert", "neox"],
 )
 def test_layers_of_common_architectures(names, layers, first_layer_tensor, head):
+    """In the model's order and in the files' (sorted by name, `lm_head` and `embed_out` first, GPT-2's `wte` last)
+    alike: the search and a merge plan read the same model in these two orders."""
     blocks = BlockMap.by_layer(names)
+    assert BlockMap.by_layer(sorted(names)) == blocks
     assert blocks.blocks == ("embed", *(f"layer.{i}" for i in range(layers)), "head")
     assert blocks.n_layers == layers
     assert blocks.tensor_blocks[names[0]] == "embed" and blocks.tensor_blocks[head] == "head"

@@ -8,7 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
+from safetensors.torch import load_file
 
 from evomerge.cli import main
 from evomerge.store import decode_scores, read_journal
@@ -62,7 +64,14 @@ def test_m2n2_over_layer_recipes_of_tiny_llamas(models, tmp_path):  # noqa: F811
     splits = {e["meta"].get("split") for e in entries if "split" in e["meta"]}
     assert splits  # crossovers happened; recipe splits sit on block (layer) boundaries by construction
     assert main(["export", str(tmp_path / "runs" / "llm-m2n2"), "--out", str(tmp_path / "best")]) == 0
-    assert (tmp_path / "best" / "merge_plan.yaml").is_file()
+    # the plan rebuilds the exported model exactly, lm_head included (its block, `head`, spans two ranges of the
+    # files' name order: lm_head first, model.norm last)
+    assert main(["merge", str(tmp_path / "best" / "merge_plan.yaml"), "--out", str(tmp_path / "again")]) == 0
+    exported = load_file(str(tmp_path / "best" / "model.safetensors"))
+    again = load_file(str(tmp_path / "again" / "model.safetensors"))
+    assert sorted(exported) == sorted(again) and "lm_head.weight" in exported
+    for name, tensor in exported.items():
+        assert torch.equal(tensor, again[name]), name
 
 
 def test_map_front_over_linear_weights_of_tiny_llamas(models, tmp_path):  # noqa: F811

@@ -134,14 +134,53 @@ def test_exported_merge_plan_reapplies_the_found_merge(tmp_path):
     assert_export_reapplies(spec, tmp_path)
 
 
+def test_exported_plan_of_a_tiny_llama_merges_lm_head_as_the_head(tmp_path):
+    """A search over per-block genes of real Llama checkpoints: its exported plan rebuilds the best model exactly,
+    and `lm_head.weight`, which the safetensors files list first, is merged with the `head` block's genes."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("tokenizers")
+    import shutil
+
+    import yaml
+    from safetensors.torch import load_file
+
+    from evomerge.weights.blocks import block_map
+    from evomerge.weights.checkpoint import Checkpoint
+    from tests.test_causal_lm import TEXTS, _jsonl, _model, _tokenizer
+
+    _tokenizer(tmp_path / "base")
+    shutil.copytree(tmp_path / "base", tmp_path / "tuned")
+    _model(tmp_path / "base", 0)
+    _model(tmp_path / "tuned", 1)
+    assert Checkpoint.open(tmp_path / "base").names()[0] == "lm_head.weight"
+    spec = tiny_spec(tmp_path, name="llama-genes", budget=4)
+    spec["evaluator"] = {
+        "name": "causal_lm",
+        "model": str(tmp_path / "base"),
+        "device": "cpu",
+        "datasets": [{"name": "code", "search": _jsonl(tmp_path / "code.jsonl", [{"text": t} for t in TEXTS])}],
+    }
+    spec["models"] = {"init": "files", "paths": [str(tmp_path / "base"), str(tmp_path / "tuned")]}
+    spec["space"] = {"name": "merge", "methods": ["task_arithmetic"], "genes": {"scale": {"high": 2, "per": "block"}}}
+    spec["strategy"] = {"name": "cma_es", "population": 4, "sigma0": 0.3, "objective": "loglik_code"}
+    spec["runtime"] = {"progress": False, "threads": 1}
+    assert_export_reapplies(spec, tmp_path)
+    exported = tmp_path / "runs" / "llama-genes" / "export" / "best"
+    plan = yaml.safe_load((exported / "merge_plan.yaml").read_text())
+    assert block_map(Checkpoint.open(tmp_path / "base").names(), "layer").tensor_blocks["lm_head.weight"] == "head"
+    assert plan["blocks"]["head"] != plan["blocks"]["embed"]
+    base, tuned = (load_file(str(tmp_path / name / "model.safetensors")) for name in ("base", "tuned"))
+    head = merge_state_dicts({"name": "task_arithmetic", **plan["blocks"]["head"]}, base, [tuned])
+    assert torch.equal(load_file(str(exported / "model.safetensors"))["lm_head.weight"], head["lm_head.weight"])
+
+
 # --- smoothing across layers --------------------------------------------------------------------------------------
 
 
-def _llama_space(drop: str | None = None, **options) -> tuple[MergeGenesSpace, list[np.ndarray]]:
+def _llama_space(**options) -> tuple[MergeGenesSpace, list[np.ndarray]]:
     from tests.test_blocks import LLAMA
 
-    names = tuple(n for n in LLAMA if n != drop)
-    layout = Layout(names, tuple((3, 2) for _ in names))
+    layout = Layout(tuple(LLAMA), tuple((3, 2) for _ in LLAMA))
     seeds = [np.random.default_rng(k).standard_normal(layout.size).astype(np.float32) for k in range(3)]
     return MergeGenesSpace(parse(MergeGenesOptions, options, "space"), layout, seeds), seeds
 
@@ -185,8 +224,8 @@ def test_smooth_interpolates_block_genes_between_the_layer_group_anchors():
 
 def test_smoothed_merge_exports_as_a_plan_per_layer(tmp_path):
     """The plan of a smoothed genome has a block per layer; `evomerge merge` of it and of its mergekit config
-    rebuild the decoded model exactly. (Without `lm_head.weight`: a plan reads blocks in the files' alphabetical
-    tensor order, where the head comes before the layers and falls in block `embed`.)"""
+    rebuild the decoded model exactly, `lm_head.weight` included: the space lists it last, the files (sorted by
+    name) first, and both put it in block `head`."""
     from safetensors.torch import load_file, save_file
 
     from evomerge.merge.mergekit import mergekit_yaml
@@ -194,7 +233,7 @@ def test_smoothed_merge_exports_as_a_plan_per_layer(tmp_path):
     from evomerge.yaml_io import dump_plain_yaml
 
     genes = {"weights": {"low": 0, "high": 1, "per": "model_block"}}
-    space, seeds = _llama_space("lm_head.weight", **{**SMOOTH, "genes": genes}, smooth=True)
+    space, seeds = _llama_space(**{**SMOOTH, "genes": genes}, smooth=True)
     paths = []
     for k, seed in enumerate(seeds):
         paths.append(str(tmp_path / f"seed{k}.safetensors"))

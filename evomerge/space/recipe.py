@@ -190,14 +190,15 @@ class RecipeSpace(WritesIntoBuffers):
         """
         if self.block_by is None or self.block_names is None:
             return None
-        coefficients = self.coefficients(genome)
-        per_block = {name: {"weights": [float(c) for c in row]} for name, row in zip(self.block_names, coefficients)}
-        first = self.block_names[0]
+        rows = [{"weights": [float(c) for c in row]} for row in self.coefficients(genome)]
+        per_block, block_by = dict(zip(self.block_names, rows)), self.block_by
+        if len(per_block) < len(rows):  # a block in two ranges (`lm_head` sorts before the layers): one per tensor
+            per_block, block_by = {name: rows[pieces[0][0]] for name, pieces in self.pieces.items()}, "tensor"
         return {
-            "method": {"name": "linear", **per_block[first]},
+            "method": {"name": "linear", **rows[0]},
             "models": list(seed_paths),
             "blocks": per_block,
-            "block_by": self.block_by,
+            "block_by": block_by,
         }
 
     def mutate(self, genome: np.ndarray, std: float, generator: torch.Generator) -> np.ndarray:

@@ -1,8 +1,11 @@
 """Blocks: named groups of tensors that share one gene (a coefficient, a density, a split boundary).
 
 By default a tensor's block is its layer, read from the common naming schemes (`layers.N`,
-`layer.N`, `h.N`, `blocks.N`, `block.N`); tensors outside any layer form the blocks `embed`
-(before the first layer) and `head` (after the last). A user regex with one group overrides this.
+`layer.N`, `h.N`, `blocks.N`, `block.N`); tensors outside any layer form the blocks `embed` (input
+embeddings, known by name) and `head` (the rest: final norm, output head, pooler, classifier). A user
+regex with one group overrides the layer names. Names, not the order a file lists them in, decide:
+safetensors sorts names, so `lm_head` comes before `model.layers` there, and the search and a merge
+plan read the same model in different orders.
 Groups of layers and filters by tensor name (attention, MLP, norms) make coarser or finer blocks.
 """
 
@@ -15,6 +18,8 @@ from dataclasses import dataclass
 from evomerge.errors import EvomergeError
 
 LAYER_PATTERN = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)(?:\.|$)")
+# `embed_tokens`, `embeddings`, `embed_in`, GPT-2's `wte` and `wpe`; not GPT-NeoX's output head `embed_out`
+EMBED_PATTERN = re.compile(r"embed(?!_out)|(?:^|\.)(?:wte|wpe)(?:\.|$)")
 
 
 def layer_index(name: str, pattern: re.Pattern[str] = LAYER_PATTERN) -> int | None:
@@ -71,15 +76,12 @@ class BlockMap:
             part = next((f for f in filters if f in name), "other")
             return f"{group(index)}.{part}"
 
-        seen_layer = False
-        tensor_blocks: dict[str, str] = {}
-        for name in names:
-            index = layers_of[name]
-            if index is None:
-                tensor_blocks[name] = "head" if seen_layer else "embed"
-            else:
-                seen_layer = True
-                tensor_blocks[name] = block_of(name, index)
+        def outside(name: str) -> str:
+            """By name, so that every order of the same names gives the same blocks; a model without layers has
+            nothing after them, so no head."""
+            return "head" if found and EMBED_PATTERN.search(name) is None else "embed"
+
+        tensor_blocks = {n: outside(n) if layers_of[n] is None else block_of(n, layers_of[n]) for n in names}
         parts = [*filters, "other"] if filters else [None]
         inner = [g if part is None else f"{g}.{part}" for g in dict.fromkeys(group(i) for i in found) for part in parts]
         used = set(tensor_blocks.values())
