@@ -150,6 +150,23 @@ def timing_line(timing: dict) -> str:
     )
 
 
+def render(rows: list[dict], timing: dict) -> str:
+    """The printed table: accuracy per method with its spread, the pre-trained leads and the timing line."""
+    header = (
+        f"{'setting':<10} {'method':<22} {'budget':>7} {'paper':>6} {'test acc (mean ± sd)':>21} {'min':>6} {'max':>6}"
+        f" {'Δ':>6}  within 3"
+    )
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        lines.append(
+            f"{r['setting']:<10} {r['method']:<22} {r['budget']:>7,} {r['published']:>6.1f} "
+            f"{r['mean']:>13.2f} ± {r['sd']:<5.2f} {r['min']:>6.1f} {r['max']:>6.1f} {r['delta']:>+6.1f}  "
+            f"{'yes' if r['within_3_points'] else 'no'}"
+        )
+    lines += ["", *gap_lines(rows), "", timing_line(timing)]
+    return "\n".join(lines)
+
+
 def plot(rows: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -192,16 +209,21 @@ def main() -> int:
     parser.add_argument("--only", choices=["scratch", "pretrained"], help="one setting only")
     parser.add_argument("--timing-only", action="store_true", help="only the timing run; merge it into the saved JSON")
     parser.add_argument("--keep-timing", action="store_true", help="reuse the saved timing run instead of a new one")
+    parser.add_argument("--table-only", action="store_true", help="reprint the saved results' table (no runs)")
     args = parser.parse_args()
     seeds = 1 if args.quick else args.seeds
     runs_dir = args.runs_dir + ("-quick" if args.quick else "")
     methods = [m for m in METHODS if args.only in (None, m.setting)]
     suffix = "_quick" if args.quick else ""
-    if args.timing_only:
+    if args.timing_only or args.table_only:
         saved = RESULTS / f"m2n2_digits{suffix}.json"
         out = json.loads(saved.read_text())
-        out["timing"] = timing_run(runs_dir, 5000 if args.quick else None)
-        out["table"] = out["table"].rsplit("\n", 1)[0] + "\n" + timing_line(out["timing"])
+        if args.timing_only:
+            out["timing"] = timing_run(runs_dir, 5000 if args.quick else None)
+        for row in out["rows"]:  # results saved before the table had these columns
+            row.setdefault("min", min(row["per_seed"]))
+            row.setdefault("max", max(row["per_seed"]))
+        out["table"] = render(out["rows"], out["timing"])
         saved.write_text(json.dumps(out, indent=2) + "\n")
         print(out["table"])
         return 0
@@ -251,19 +273,7 @@ def main() -> int:
         print("timing run: from-scratch M2N2 alone on the machine ...", file=sys.stderr, flush=True)
         timing = timing_run(runs_dir, 5000 if args.quick else None)
 
-    header = (
-        f"{'setting':<10} {'method':<22} {'budget':>7} {'paper':>6} {'test acc (mean ± sd)':>21} {'min':>6} {'max':>6}"
-        f" {'Δ':>6}  within 3"
-    )
-    lines = [header, "-" * len(header)]
-    for r in rows:
-        lines.append(
-            f"{r['setting']:<10} {r['method']:<22} {r['budget']:>7,} {r['published']:>6.1f} "
-            f"{r['mean']:>13.2f} ± {r['sd']:<5.2f} {r['min']:>6.1f} {r['max']:>6.1f} {r['delta']:>+6.1f}  "
-            f"{'yes' if r['within_3_points'] else 'no'}"
-        )
-    lines += ["", *gap_lines(rows), "", timing_line(timing)]
-    table = "\n".join(lines)
+    table = render(rows, timing)
     print(table)
 
     rows_out = [{k: v for k, v in r.items() if k != "curves"} for r in rows]
