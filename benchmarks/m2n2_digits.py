@@ -142,7 +142,7 @@ def gap_lines(rows: list[dict]) -> list[str]:
 
 def timing_line(timing: dict) -> str:
     return (
-        f"timing (M2N2 from scratch, {timing['evaluations']:,} evaluations, alone, 1 thread): "
+        f"timing (M2N2 from scratch, {timing['evaluations']:,} evaluations, 1 thread): "
         f"search {timing['search_seconds']:.1f} s, whole process {timing['process_seconds']:.1f} s, "
         f"{timing['evaluations_per_second']:,.0f} evals/s, evaluator {100 * timing['evaluator_share']:.1f}% "
         f"+ test passes {100 * timing['test_share']:.1f}%, strategy (ask/tell) {100 * timing['strategy_share']:.1f}%, "
