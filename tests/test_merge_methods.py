@@ -73,6 +73,15 @@ def test_ties_exact() -> None:
     close(merge_tensor({**ties, "weights": [1, 3]}, "w", BASE, [THETA1, THETA2]), [1.0, -1.0, 5.5, 13.0])
 
 
+def test_zero_task_vectors_leave_the_base_and_drop_out_of_the_election() -> None:
+    """A tensor no fine-tune changed (a frozen embedding) merges to the base exactly; a model that left one tensor
+    unchanged counts as absent there: TIES of [τ1, 0] is τ1 trimmed (the disjoint mean ignores the zero)."""
+    for method in ({"name": "ties", "density": 0.5}, {"name": "dare", "drop_rate": 0.5, "consensus": "elect"}):
+        merged = merge_tensor(method, "w", BASE, [BASE.clone(), BASE.clone()])
+        assert torch.equal(merged, BASE) and merged.data_ptr() != BASE.data_ptr()
+    close(merge_tensor({"name": "ties", "density": 0.5}, "w", BASE, [THETA1, BASE.clone()]), [1.0, -1.0, 4.0, 1.0])
+
+
 def test_ties_model_scope_differs_from_tensor_scope() -> None:
     # the TIES example split over two tensors a, b: over the whole model the top 2 of each τ are the same as above
     base = {"a": tv(1, 1), "b": tv(1, 1)}

@@ -243,6 +243,8 @@ class Pipeline(CheckedOptions):
             )
 
     def sparsified(self, task: int, name: str, tau: Tensor, context: MergeContext, method: str) -> Tensor:
+        if not tau.any():  # a zero task vector stays zero under every sparsifier; skip the sort or the mask
+            return tau
         density, drop_rate = for_task(self.density, task), for_task(self.drop_rate, task)
         mergekit = self.conventions == "mergekit"
         if self.sparsify == "magnitude" and mergekit:
@@ -273,8 +275,11 @@ class Pipeline(CheckedOptions):
                 raise EvomergeError(f"method {method!r}: got {len(value)} {knob} values for {len(tensors)} models")
         if self.is_linear:
             return weighted_sum([base, *tensors], self.linear_weights(name, len(tensors), context))
+        raw = [t - base for t in tensors]
+        if not any(bool(tau.any()) for tau in raw):  # e.g. embeddings every fine-tune froze: nothing to trim or elect
+            return base.clone()
         lam = depth_scale(self.scale, self.beta, context.layer, context.num_layers, name)
-        taus = torch.stack([self.sparsified(i, name, t - base, context, method) for i, t in enumerate(tensors)])
+        taus = torch.stack([self.sparsified(i, name, tau, context, method) for i, tau in enumerate(raw)])
         if self.weights is not None:
             taus = taus * torch.tensor(self.weights, dtype=taus.dtype, device=taus.device).view(-1, *[1] * base.dim())
         signs = elect_signs(taus, self.conventions) if self.consensus == "elect" else None
