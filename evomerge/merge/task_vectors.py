@@ -275,11 +275,11 @@ class Pipeline(CheckedOptions):
                 raise EvomergeError(f"method {method!r}: got {len(value)} {knob} values for {len(tensors)} models")
         if self.is_linear:
             return weighted_sum([base, *tensors], self.linear_weights(name, len(tensors), context))
-        raw = [t - base for t in tensors]
-        if not any(bool(tau.any()) for tau in raw):  # e.g. embeddings every fine-tune froze: nothing to trim or elect
+        if all(torch.equal(t, base) for t in tensors):  # e.g. embeddings every fine-tune froze: nothing to trim
             return base.clone()
         lam = depth_scale(self.scale, self.beta, context.layer, context.num_layers, name)
-        taus = torch.stack([self.sparsified(i, name, tau, context, method) for i, tau in enumerate(raw)])
+        # one task vector at a time: only the sparsified ones are held together (a worker's peak is per tensor)
+        taus = torch.stack([self.sparsified(i, name, t - base, context, method) for i, t in enumerate(tensors)])
         if self.weights is not None:
             taus = taus * torch.tensor(self.weights, dtype=taus.dtype, device=taus.device).view(-1, *[1] * base.dim())
         signs = elect_signs(taus, self.conventions) if self.consensus == "elect" else None
