@@ -15,22 +15,18 @@ checkpoint under one name and a merge may treat input and output embeddings diff
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import os
 import re
-import shutil
 import sysconfig
-import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from evomerge.data.cache import cached_stage, stage_key
 from evomerge.errors import EvomergeError
 
 DOMAINS = ("code", "prose")
@@ -80,27 +76,6 @@ class LanguageModels:
     datasets: dict[str, dict[str, Path]]  # code, prose (text), arith (multiple choice), arith_em (exact match)
     tokenizer: Path
     info: dict = field(default_factory=dict)  # per stage: training losses and seconds
-
-
-def _key(*parts: object) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def _cached(directory: Path, build: Callable[[Path], None]) -> Path:
-    """Build into a temporary folder and rename it into place: concurrent builders never see half a stage."""
-    if directory.is_dir():
-        return directory
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
-        build(tmp)
-        os.rename(tmp, directory)
-    except OSError:
-        if not directory.is_dir():
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return directory
 
 
 # -- corpus -------------------------------------------------------------------------------------------------
@@ -338,26 +313,26 @@ def language_models(recipe: LanguageModelsRecipe | None = None) -> LanguageModel
     fields = asdict(recipe)
     root = cache_root() / "language_models"
     texts = domain_texts()
-    corpus = _key(texts)
-    data_key = _key(
+    corpus = stage_key(texts)
+    data_key = stage_key(
         BUILDER_VERSION,
         corpus,
         {k: fields[k] for k in ("corpus_chars", "min_chunk_chars", "max_chunk_chars", "eval_examples", "seed")},
     )
-    data = _cached(root / f"data-{data_key}", lambda out: _build_data(recipe, texts, out))
-    tokenizer_key = _key(data_key, recipe.vocab_size)
-    tokenizer = _cached(root / f"tokenizer-{tokenizer_key}", lambda out: _build_tokenizer(recipe, data, out))
+    data = cached_stage(root / f"data-{data_key}", lambda out: _build_data(recipe, texts, out))
+    tokenizer_key = stage_key(data_key, recipe.vocab_size)
+    tokenizer = cached_stage(root / f"tokenizer-{tokenizer_key}", lambda out: _build_tokenizer(recipe, data, out))
     _check_fits(recipe, data, tokenizer)
     model_fields = ("hidden", "layers", "heads", "intermediate", "context", "seq_len", "batch_size", "seed")
-    base_key = _key(
+    base_key = stage_key(
         tokenizer_key,
         {k: fields[k] for k in (*model_fields, "pretrain_steps", "pretrain_lr")},
     )
-    base = _cached(root / f"base-{base_key}", lambda out: _build_base(recipe, data, tokenizer, out))
+    base = cached_stage(root / f"base-{base_key}", lambda out: _build_base(recipe, data, tokenizer, out))
     finetuned = {}
     for task in TASKS:
-        key = _key(base_key, task, recipe.finetune_steps, recipe.finetune_lr)
-        finetuned[task] = _cached(
+        key = stage_key(base_key, task, recipe.finetune_steps, recipe.finetune_lr)
+        finetuned[task] = cached_stage(
             root / f"finetune-{task}-{key}", lambda out, task=task: _build_finetune(recipe, data, base, task, out)
         )
     datasets = {

@@ -25,13 +25,9 @@ import functools
 import hashlib
 import importlib.util
 import json
-import os
 import re
-import shutil
 import sysconfig
-import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -39,6 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from evomerge.data.cache import cached_stage, stage_key
 from evomerge.errors import EvomergeError
 
 BUILDER_VERSION = 1  # part of every cache key: raise it when a change here changes what is built
@@ -86,27 +83,6 @@ class SentenceTasks:
     datasets: dict[str, dict[str, Path]]  # task -> split -> jsonl of {"text", "label"} (label: class index)
     classes: dict[str, list[str]]  # task -> class names in label order
     info: dict = field(default_factory=dict)  # the recipe, split sizes, per fine-tune its training summary
-
-
-def _key(*parts: object) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def _cached(directory: Path, build: Callable[[Path], None]) -> Path:
-    """Build into a temporary folder and rename it into place: concurrent builders never see half a stage."""
-    if directory.is_dir():
-        return directory
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
-        build(tmp)
-        os.rename(tmp, directory)
-    except OSError:
-        if not directory.is_dir():
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return directory
 
 
 # -- sentences ----------------------------------------------------------------------------------------------
@@ -360,8 +336,10 @@ def sentence_data(recipe: SentenceTasksRecipe | None = None) -> tuple[Path, str]
     fields = asdict(recipe)
     found = task_sentences(recipe)
     shaping = ("validation_examples", "test_examples", "train_examples", "min_chars", "max_chars", "seed")
-    key = _key(BUILDER_VERSION, _key(found), {k: fields[k] for k in shaping})
-    return _cached(cache_root() / "sentence_tasks" / f"data-{key}", lambda out: _build_data(recipe, found, out)), key
+    key = stage_key(BUILDER_VERSION, stage_key(found), {k: fields[k] for k in shaping})
+    return cached_stage(
+        cache_root() / "sentence_tasks" / f"data-{key}", lambda out: _build_data(recipe, found, out)
+    ), key
 
 
 def sentence_tasks(recipe: SentenceTasksRecipe | None = None) -> SentenceTasks:
@@ -373,14 +351,14 @@ def sentence_tasks(recipe: SentenceTasksRecipe | None = None) -> SentenceTasks:
     data, data_key = sentence_data(recipe)
     root = cache_root() / "sentence_tasks"
     source = minilm_source()
-    base_key = _key(BUILDER_VERSION, _file_hash(source / "model.safetensors"))
-    base = _cached(root / f"base-{base_key}", lambda out: _build_base(source, out))
+    base_key = stage_key(BUILDER_VERSION, _file_hash(source / "model.safetensors"))
+    base = cached_stage(root / f"base-{base_key}", lambda out: _build_base(source, out))
     fields = asdict(recipe)
     tuning = ("max_length", "head_steps", "head_lr", "finetune_steps", "batch_size", "lr", "head_finetune_lr", "seed")
     finetuned = {}
     for task in TASKS:
-        key = _key(data_key, base_key, task, {k: fields[k] for k in tuning})
-        finetuned[task] = _cached(
+        key = stage_key(data_key, base_key, task, {k: fields[k] for k in tuning})
+        finetuned[task] = cached_stage(
             root / f"finetune-{task}-{key}", lambda out, task=task: _build_finetune(recipe, data, base, task, out)
         )
     info = {"recipe": fields, "data": json.loads((data / "data.json").read_text())}
