@@ -30,10 +30,10 @@ from typing import Any
 
 import numpy as np
 from _results import save_result
+from language_models import QUIET, RECIPE_SPACE, fixed_space, run_search, ta_space
 
 TASKS = ("order", "replaced")
 OBJECTIVES = {f"accuracy_{t}": "max" for t in TASKS}
-QUIET = {"progress": False, "log_every": 10**6, "snapshot_every": 10**6, "threads": 1}
 TA_HIGH = 1.5  # task-coefficient box [0, 1.5] for the tuned scale, the grid and MAP
 
 
@@ -58,27 +58,6 @@ def evaluator_spec(st) -> dict[str, Any]:
     }
 
 
-def ta_space(high: float = TA_HIGH) -> dict[str, Any]:
-    return {
-        "name": "merge",
-        "methods": ["task_arithmetic"],
-        "base": 0,
-        "genes": {"weights": {"low": 0.0, "high": high, "per": "model"}},
-        "fixed": {"scale": 1.0},
-    }
-
-
-def fixed_space(method: str, **fixed) -> dict[str, Any]:
-    """One method with per-model weights in [0, 1] as genes (genome ones = c = 1) and the rest held fixed."""
-    return {
-        "name": "merge",
-        "methods": [method],
-        "base": 0,
-        "genes": {"weights": {"low": 0.0, "high": 1.0, "per": "model"}},
-        "fixed": {"scale": 1.0, **fixed},
-    }
-
-
 EVOLVE_SPACE = {  # mergekit-evolve's genome: TIES weight per model and layer group, density per layer group
     "name": "merge",
     "methods": ["ties"],
@@ -91,7 +70,6 @@ EVOLVE_SPACE = {  # mergekit-evolve's genome: TIES weight per model and layer gr
     },
     "fixed": {"scale": 1.0},
 }
-RECIPE_SPACE = {"name": "recipe", "blocks": "layer"}
 
 
 def spec(st, name: str, space: dict, strategy: dict, budget: int, seed: int = 0) -> dict[str, Any]:
@@ -107,14 +85,6 @@ def spec(st, name: str, space: dict, strategy: dict, budget: int, seed: int = 0)
     }
 
 
-def run_search(spec_dict: dict, out: Path):
-    from evomerge.runtime import start_run
-    from evomerge.spec import spec_from_dict
-
-    run = start_run(spec_from_dict({**spec_dict, "output": str(out)}), progress=False)
-    return run, json.loads(run.summary_path.read_text())
-
-
 class Worker:
     """What an evaluating process holds: the evaluator (resident MiniLM, fixed heads) and, per space, a
     Materializer over the seeds."""
@@ -123,7 +93,7 @@ class Worker:
         from evomerge.runtime.driver import evaluation_parts, make_seeds
         from evomerge.spec import spec_from_dict
 
-        self.base_spec = spec(st, "worker", ta_space(), {"name": "random", "objectives": OBJECTIVES}, 1)
+        self.base_spec = spec(st, "worker", ta_space(TA_HIGH), {"name": "random", "objectives": OBJECTIVES}, 1)
         parsed = spec_from_dict({**self.base_spec, "output": str(out)})
         self.seeds_dir = out / "worker" / "seeds"
         make_seeds(parsed, self.seeds_dir)
@@ -169,7 +139,7 @@ def normalise(rows: list[dict], finetuned: dict[str, float]) -> None:
 
 
 def fixed_rows(worker: Worker, scales: list[float]) -> list[dict]:
-    ta = ta_space()
+    ta = ta_space(TA_HIGH)
     rows = []
     one = 1 / TA_HIGH  # the genome value of c = 1
     models = (("base", [0, 0]), ("fine-tuned order", [one, 0]), ("fine-tuned replaced", [0, one]))
@@ -237,7 +207,7 @@ def front_rows(st, worker: Worker, out: Path, grid_per_axis: int) -> tuple[dict,
         ("map", {"name": "map", "objectives": OBJECTIVES}, 12 + 10),  # (d+1)(d+2) design + 10 front points
         ("grid", {"name": "grid", "points": grid_points, "objective": "accuracy"}, grid_points),
     ):
-        run, summary = run_search(spec(st, f"front-{name}", ta_space(), strategy, budget), out)
+        run, summary = run_search(spec(st, f"front-{name}", ta_space(TA_HIGH), strategy, budget), out)
         runs[name] = (read_front(run, OBJECTIVES), summary)
     chance = np.array([-1 / len(st.classes[t]) for t in TASKS], dtype=np.float64)  # minimised form
     hv = {name: hypervolume(front.minimised(front.points), chance) for name, (front, _) in runs.items()}
@@ -256,7 +226,7 @@ def front_rows(st, worker: Worker, out: Path, grid_per_axis: int) -> tuple[dict,
         front, summary = runs[name]
         best = max(front.points, key=lambda p: (round(float(np.mean(list(p.values.values()))), 6), -sum(p.genes or [])))
         coefficients = ", ".join(f"{TA_HIGH * g:.2f}" for g in best.genes or [])
-        test = best.test or worker.test(ta_space(), best.genes)  # a single-objective grid's front has no test
+        test = best.test or worker.test(ta_space(TA_HIGH), best.genes)  # a single-objective grid's front has no test
         r = row(f"{label} with the best mean validation accuracy (c = {coefficients})", None, test, None)
         r["val_accuracy"], r["val_evaluations"] = float(np.mean(list(best.values.values()))), summary["evaluations"]
         rows.append(r)
@@ -271,7 +241,7 @@ def time_shares(worker: Worker, repeats: int) -> list[dict[str, Any]]:
     out = []
     rng = np.random.default_rng(1)
     for label, space in (
-        ("task arithmetic (2 genes)", ta_space()),
+        ("task arithmetic (2 genes)", ta_space(TA_HIGH)),
         ("TIES per layer group (15 genes)", EVOLVE_SPACE),
         ("recipe per layer (24 genes)", RECIPE_SPACE),
     ):
