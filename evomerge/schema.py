@@ -11,7 +11,7 @@ import dataclasses
 import difflib
 import types
 import typing
-from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
+from typing import Any, Literal, Protocol, TypeVar, Union, get_args, get_origin, get_type_hints, runtime_checkable
 
 from evomerge.errors import SpecError
 
@@ -128,10 +128,22 @@ def parse(cls: type[T], data: Any, path: str = "") -> T:
         elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
             raise SpecError(_join(path, name), f"missing required field ({_type_name(hints[name])})")
     obj = cls(**kwargs)
-    check = getattr(obj, "check", None)
-    if check is not None:
-        check(path)
+    if isinstance(obj, ChecksItself):
+        obj.check(path)
     return obj
+
+
+@runtime_checkable
+class ChecksItself(Protocol):
+    """Options with rules across fields or on values (ranges, files that must exist): `check` raises SpecError
+    naming `path`'s field, once the fields are converted."""
+
+    def check(self, path: str) -> None: ...
+
+
+def option_names(options: Any) -> set[str]:
+    """The fields of an options dataclass (none for a component that takes no options)."""
+    return {f.name for f in dataclasses.fields(options)} if dataclasses.is_dataclass(options) else set()
 
 
 def to_plain(obj: Any) -> Any:

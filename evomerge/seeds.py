@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from evomerge.errors import EvomergeError, RunDirError
-from evomerge.evaluate.base import Evaluator
+from evomerge.evaluate.base import Evaluator, ProvidesSeedModels, TrainsSpecialists
 from evomerge.spec import ModelsSpec
 from evomerge.store.atomic import atomic_write_text
 from evomerge.weights import Layout, load_flat, save_flat
@@ -36,8 +36,7 @@ def specialists(models: ModelsSpec, evaluator: Evaluator, evaluator_key: dict) -
     With `shared_init` every specialist starts from one random init, which comes first in the list:
     a common base model, as task-vector merging (task arithmetic, TIES, DARE) expects.
     """
-    train = getattr(evaluator, "train_specialist", None)
-    if train is None:
+    if not isinstance(evaluator, TrainsSpecialists):
         raise EvomergeError(
             f"models.init 'specialists' needs an evaluator that can train; {type(evaluator).__name__} cannot "
             "(use models.init: files)"
@@ -63,7 +62,7 @@ def specialists(models: ModelsSpec, evaluator: Evaluator, evaluator_key: dict) -
             out.append(load_flat(path, layout))
             continue
         init = random_genome(layout, models.std, models.train_seed, 0 if models.shared_init else k)
-        trained = train(init, classes, models.train_steps, models.train_lr)
+        trained = evaluator.train_specialist(init, classes, models.train_steps, models.train_lr)
         path.parent.mkdir(parents=True, exist_ok=True)
         save_flat(path, trained, layout, {"classes": json.dumps(classes), "recipe": key})
         out.append(trained)
@@ -77,13 +76,12 @@ def build_seeds(models: ModelsSpec, evaluator: Evaluator, evaluator_key: dict, s
     if models.init == "specialists":
         return specialists(models, evaluator, evaluator_key)
     if models.init == "evaluator":
-        provide = getattr(evaluator, "seed_models", None)
-        if provide is None:
+        if not isinstance(evaluator, ProvidesSeedModels):
             raise EvomergeError(
                 f"models.init 'evaluator' needs an evaluator that provides its models; {type(evaluator).__name__} "
                 "does not (use models.init: files)"
             )
-        return [layout.flatten(tensors, source="evaluator seed model") for tensors in provide()]
+        return [layout.flatten(tensors, source="evaluator seed model") for tensors in evaluator.seed_models()]
     return [load_flat(p, layout) for p in models.paths]
 
 

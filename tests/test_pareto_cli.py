@@ -363,18 +363,19 @@ def test_build_models_prints_the_cache_and_the_fine_tuned_accuracies(tmp_path: P
     spec = mnist_spec(tmp_path, "models", {"name": "map"}, budget=1)
     assert main(["build-models", write(tmp_path, spec)]) == 0
     out = capsys.readouterr().out.splitlines()
-    match = re.fullmatch(r"3 seed models for models \(evaluator\) cached in (.+)", out[0])
+    assert out[0] == "3 seed models for models (evaluator)"
+    match = re.fullmatch(r"  cached in (.+)", out[1])
     assert match, out
     folder = Path(match.group(1))
     assert folder.parent == Path(os.environ["EVOMERGE_CACHE"]) / "task_models"
     assert {p.name for p in folder.iterdir()} >= {"info.json", "base.safetensors", "task_low.safetensors"}
     info = json.loads((folder / "info.json").read_text())
-    for line, task in zip(out[1:], ("low", "high")):
+    for line, task in zip(out[2:], ("low", "high")):
         accuracy = info["finetuned_accuracy"][task]
         expected = f"val accuracy {accuracy['val']:.4f}, test accuracy {accuracy['test']:.4f}"
         assert line == f"  fine-tuned on {task}: {expected}"
         assert accuracy["val"] > 0.8 and not math.isnan(accuracy["test"])
-    assert len(out) == 3
+    assert len(out) == 4
 
 
 def test_map_trades_accuracy_against_a_cost_term(tmp_path: Path, capsys):

@@ -760,12 +760,18 @@ def test_nested_map_objectives_must_follow_the_evaluators_task_order():
 
 
 def test_nested_map_needs_weights_that_start_at_zero():
-    from evomerge.space.merge_genes import GeneSpec
+    from evomerge.evaluate.classification import mlp_layout
+    from evomerge.space.merge_genes import MergeGenesOptions, MergeGenesSpace
 
-    space = box(3)
-    space.options = SimpleNamespace(genes={"weights": GeneSpec(low=0.2, high=1.0, per="model")})
+    layout = mlp_layout([3, 2])
+    seeds = [np.full(layout.size, k, dtype=np.float32) for k in range(4)]  # seed 0 is the base: 3 weights
+
+    def merge_space(low: float) -> MergeGenesSpace:
+        genes = {"weights": {"low": low, "high": 1.0, "per": "model"}}
+        options = parse(MergeGenesOptions, {"methods": ["linear"], "genes": genes}, "space")
+        return MergeGenesSpace(options, layout, seeds)
+
     options = NestedMapOptions(objectives=dict.fromkeys(["a", "b", "c"], "max"))
     with pytest.raises(SpecError, match=r"space\.genes: nested MAP needs exactly one gene, weights: \{low: 0"):
-        NestedMapSearch(options, space, 0)
-    space.options.genes["weights"] = GeneSpec(low=0.0, high=1.0, per="model")
-    assert NestedMapSearch(options, space, 0).ask() is not None
+        NestedMapSearch(options, merge_space(0.2), 0)
+    assert NestedMapSearch(options, merge_space(0.0), 0).ask() is not None

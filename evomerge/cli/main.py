@@ -355,18 +355,17 @@ def cmd_fisher(args: argparse.Namespace) -> int:
 
 def cmd_build_models(args: argparse.Namespace) -> int:
     from evomerge.evaluate import EVALUATORS
+    from evomerge.evaluate.base import DescribesSeedModels
     from evomerge.seeds import build_seeds
     from evomerge.spec import load_spec
 
     spec = load_spec(args.spec)
     evaluator = EVALUATORS.build(spec.evaluator)
     seeds = build_seeds(spec.models, evaluator, spec.evaluator.to_plain(), spec.seed)
-    where = getattr(getattr(evaluator, "models", None), "directory", None)
-    print(f"{len(seeds)} seed models for {spec.name} ({spec.models.init})" + (f" cached in {where}" if where else ""))
-    info = getattr(getattr(evaluator, "models", None), "info", None)
-    if info:
-        for task, accuracy in info["finetuned_accuracy"].items():
-            print(f"  fine-tuned on {task}: val accuracy {accuracy['val']:.4f}, test accuracy {accuracy['test']:.4f}")
+    print(f"{len(seeds)} seed models for {spec.name} ({spec.models.init})")
+    if spec.models.init == "evaluator" and isinstance(evaluator, DescribesSeedModels):
+        for line in evaluator.describe_seed_models():
+            print(f"  {line}")
     return 0
 
 

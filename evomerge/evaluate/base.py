@@ -33,9 +33,42 @@ class Evaluator(Protocol):
         """Score on the search split; this is what the budget counts."""
         ...
 
-    def test(self, params: dict[str, torch.Tensor]) -> dict[str, float]:
-        """Held-out metrics, reported but never used for selection."""
-        ...
+
+@runtime_checkable
+class HeldOut(Protocol):
+    """An evaluator with a held-out split: its metrics are reported (curves, summary, fronts), never selected on."""
+
+    def test(self, params: dict[str, torch.Tensor]) -> dict[str, float]: ...
+
+
+@runtime_checkable
+class TrainsSpecialists(Protocol):
+    """An evaluator that can train its model on some of its classes: `models.init: specialists` (the M2N2
+    paper's pre-trained setting) trains one model per class group from `flat` weights and caches it."""
+
+    def train_specialist(self, flat: np.ndarray, classes: list[int], steps: int, lr: float) -> np.ndarray: ...
+
+
+@runtime_checkable
+class ProvidesSeedModels(Protocol):
+    """An evaluator that comes with its own seed models (a base and its fine-tunes): `models.init: evaluator`."""
+
+    def seed_models(self) -> list[dict[str, torch.Tensor]]: ...
+
+
+@runtime_checkable
+class DescribesSeedModels(Protocol):
+    """Lines `evomerge build-models` prints about an evaluator's own seed models (where they are cached, how well
+    each does)."""
+
+    def describe_seed_models(self) -> list[str]: ...
+
+
+@runtime_checkable
+class TracksCandidates(Protocol):
+    """An evaluator told the id of the candidate it is about to evaluate (faults injected per candidate)."""
+
+    candidate_id: int | None
 
 
 @runtime_checkable

@@ -120,6 +120,12 @@ class MultiTaskEvaluator:
         """The pre-trained base first, then one fine-tuned backbone per task (the `models.init: evaluator` seeds)."""
         return [self.models.base, *(self.models.finetuned[t] for t in self.tasks)]
 
+    def describe_seed_models(self) -> list[str]:
+        return [f"cached in {self.models.directory}"] + [
+            f"fine-tuned on {task}: val accuracy {acc['val']:.4f}, test accuracy {acc['test']:.4f}"
+            for task, acc in self.models.info["finetuned_accuracy"].items()
+        ]
+
     def _to_device(self, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         for name, shape in zip(self._layout.names, self._layout.shapes):
             got = tuple(params[name].shape) if name in params else None

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from evomerge.errors import EvomergeError, ShapeMismatchError
 from evomerge.registry import Component, Registry
-from evomerge.schema import require
+from evomerge.schema import ChecksItself, require
 from evomerge.weights.blocks import layer_index
 
 MERGE_METHODS: Registry = Registry("merge method")
@@ -236,9 +236,8 @@ def as_merger(method: Merger | Component | Mapping[str, Any] | str | Kernel, pat
     if isinstance(method, (str, Mapping)):
         method = MERGE_METHODS.resolve(method if isinstance(method, str) else dict(method), path)
     if isinstance(method, Component):
-        check = getattr(method.options, "check", None)
-        if check is not None:
-            check(path)
+        if isinstance(method.options, ChecksItself):
+            method.options.check(path)
         return MERGE_METHODS.build(method)
     if callable(method):
         return Merger(getattr(method, "__name__", "custom"), method)

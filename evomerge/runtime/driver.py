@@ -17,12 +17,11 @@ import torch
 from evomerge.errors import EvomergeError, RunDirError
 from evomerge.evaluate import EVALUATORS, Evaluator
 from evomerge.evaluate.base import EvaluatorFacts, ResidentModel, RunBound, SubsetFromSeeds, evaluator_facts
-from evomerge.pareto import Objectives
-from evomerge.runtime.executor import InProcessExecutor
+from evomerge.runtime.executor import InProcessExecutor, ReportsWorkers
 from evomerge.runtime.manager import SearchManager
 from evomerge.runtime.threads import limit_threads
 from evomerge.search import STRATEGIES, Strategy
-from evomerge.search.base import EvaluatorChecked
+from evomerge.search.base import EvaluatorChecked, MultiObjective
 from evomerge.seeds import build_seeds, load_seeds, save_seeds, seed_dtypes, seed_sources
 from evomerge.space import SPACES, Space
 from evomerge.space.weights import check_size as check_weights_size
@@ -118,7 +117,7 @@ def evaluation_parts(spec: SearchSpec, seeds_dir: Path, run_dir: Path | None = N
 
 def check_strategy(strategy: Strategy, facts: EvaluatorFacts) -> None:
     """Refuse, before the first evaluation, a strategy that does not fit what the evaluator reports."""
-    if isinstance(getattr(strategy, "objectives", None), Objectives) and facts.metric_names is not None:
+    if isinstance(strategy, MultiObjective) and facts.metric_names is not None:
         strategy.objectives.check_names(facts.metric_names)  # not at the first result
     if isinstance(strategy, EvaluatorChecked):
         strategy.check_evaluator(facts)
@@ -252,9 +251,8 @@ def _drive(run: RunDir, manager: SearchManager) -> None:
 
 def finish(run: RunDir, manager: SearchManager, status: str) -> dict[str, Any]:
     summary = manager.summary(status)
-    stats = getattr(manager.executor, "worker_stats", None)
-    if stats is not None:
-        summary["workers"] = stats()
+    if isinstance(manager.executor, ReportsWorkers):
+        summary["workers"] = manager.executor.worker_stats()
         for worker in summary["workers"]:
             worker["busy_share"] = round(worker["busy_seconds"] / max(summary["wall_seconds"], 1e-9), 4)
     atomic_write_text(run.summary_path, json.dumps(summary, indent=2) + "\n")
@@ -267,7 +265,7 @@ def finish(run: RunDir, manager: SearchManager, status: str) -> dict[str, Any]:
     from evomerge.report import plot_run
 
     summary["plots"] = plot_run(run)
-    if isinstance(getattr(manager.strategy, "objectives", None), Objectives):  # a multi-objective search
+    if isinstance(manager.strategy, MultiObjective):
         from evomerge.report.front import write_front
         from evomerge.report.optuna_mirror import MIRROR_FILE, mirror_run
 

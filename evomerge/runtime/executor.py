@@ -8,13 +8,21 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
 
 from evomerge.errors import EvaluationError, EvomergeError
-from evomerge.evaluate.base import EvalResult, Evaluator, ResidentModel, as_result, evaluator_facts
+from evomerge.evaluate.base import (
+    EvalResult,
+    Evaluator,
+    HeldOut,
+    ResidentModel,
+    TracksCandidates,
+    as_result,
+    evaluator_facts,
+)
 from evomerge.search.base import Candidate
 from evomerge.space.base import Space
 
@@ -47,6 +55,19 @@ class Executor(Protocol):
     def close(self) -> None: ...
 
 
+@runtime_checkable
+class ReportsWorkers(Protocol):
+    """An executor with workers of its own (Ray): their load for progress lines and their totals for the summary."""
+
+    def busy(self) -> tuple[int, int]:
+        """(workers evaluating now, workers)"""
+        ...
+
+    def worker_stats(self) -> list[dict[str, Any]]:
+        """One dict per worker, with at least `busy_seconds`."""
+        ...
+
+
 class Materializer:
     """Writes every candidate into one set of tensors kept for the process's life: the evaluator's resident model,
     or buffers on the seeds' device (none for the `weights` space, whose genomes are the weights). A candidate then
@@ -67,7 +88,7 @@ def evaluate_candidate(
     evaluator: Evaluator, materialize: Materializer, candidate: Candidate, n_examples: int | None
 ) -> Outcome:
     start = time.perf_counter()
-    if hasattr(evaluator, "candidate_id"):  # evaluators that want to know which candidate this is
+    if isinstance(evaluator, TracksCandidates):
         evaluator.candidate_id = candidate.id
     try:
         result = as_result(evaluator.evaluate(materialize(candidate.genome)), n_examples)
@@ -80,8 +101,9 @@ def evaluate_candidate(
 
 def test_candidate(evaluator: Evaluator, materialize: Materializer, genome: np.ndarray) -> dict[str, float]:
     """Held-out metrics of one genome ({} for an evaluator without a test split)."""
-    test = getattr(evaluator, "test", None)
-    return {} if test is None else {k: float(v) for k, v in test(materialize(genome)).items()}
+    if not isinstance(evaluator, HeldOut):
+        return {}
+    return {k: float(v) for k, v in evaluator.test(materialize(genome)).items()}
 
 
 class InProcessExecutor:

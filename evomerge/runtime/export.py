@@ -15,6 +15,7 @@ from evomerge.merge.mergekit import NotMappable, mergekit_yaml
 from evomerge.runtime.driver import search_space
 from evomerge.search import STRATEGIES
 from evomerge.seeds import seed_dtypes, seed_paths
+from evomerge.space.base import ExportsPlan, LayerBlocks
 from evomerge.store import NoSpaceError, RunDir, iter_journal, load_state
 from evomerge.store.atomic import FULL_DISK
 from evomerge.weights.checkpoint import write_checkpoint
@@ -87,10 +88,10 @@ def _write_export(
     }
     if spec.space.name != "weights":  # small genomes (recipes, SLERP weights) are the recipe itself
         recipe["genome"] = [float(v) for v in genome]
-    if hasattr(space, "ranges"):
+    if isinstance(space, LayerBlocks):
         recipe["blocks"] = [list(r) for r in space.ranges]
     extra = {"recipe.json": json.dumps(recipe, indent=2) + "\n"}
-    plan = space.to_plan(genome, recipe["seeds"]) if hasattr(space, "to_plan") else None
+    plan = space.to_plan(genome, recipe["seeds"]) if isinstance(space, ExportsPlan) else None
     if plan is not None:  # re-apply with `evomerge merge merge_plan.yaml` (e.g. to full-precision models)
         extra["merge_plan.yaml"] = dump_plain_yaml(plan)
         try:  # the same merge as a mergekit config, where mergekit has the method

@@ -21,7 +21,7 @@ import numpy as np
 
 from evomerge.errors import EvomergeError, RunDirError
 from evomerge.evaluate.base import EvalResult
-from evomerge.runtime.executor import Executor, ExecutorFailure, Outcome
+from evomerge.runtime.executor import Executor, ExecutorFailure, Outcome, ReportsWorkers
 from evomerge.runtime.progress import Progress
 from evomerge.search.base import Candidate, Strategy
 from evomerge.space.base import Space
@@ -296,8 +296,7 @@ class SearchManager:
             self.snapshot()
         best = self.strategy.best()
         elapsed = max(self.state.wall_seconds, 1e-9)
-        busy = getattr(self.executor, "busy", None)
-        extra = "workers busy {}/{}".format(*busy()) if busy is not None else ""
+        extra = "workers busy {}/{}".format(*self.executor.busy()) if isinstance(self.executor, ReportsWorkers) else ""
         self._progress.update(
             done,
             done / elapsed,

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
 
 from evomerge.evaluate.base import EvalResult, EvaluatorFacts
+
+if TYPE_CHECKING:
+    from evomerge.pareto import Objectives
 
 
 @dataclass
@@ -29,6 +32,14 @@ class Candidate:
     id: int
     genome: np.ndarray
     meta: dict[str, Any]
+
+
+@runtime_checkable
+class MultiObjective(Protocol):
+    """A strategy over several named objectives: checked against the evaluator's metrics, and its run gets a
+    front (RUN/front.json, plots, an Optuna mirror)."""
+
+    objectives: Objectives
 
 
 @runtime_checkable

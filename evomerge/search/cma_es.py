@@ -17,7 +17,7 @@ from evomerge.evaluate.base import EvalResult
 from evomerge.schema import require
 from evomerge.search import STRATEGIES
 from evomerge.search.base import Candidate, Proposal, Strategy
-from evomerge.space.base import Space
+from evomerge.space.base import BoxSpace, Space
 
 
 @dataclass
@@ -71,18 +71,14 @@ class CMAES(Strategy):
         self.options = options
         self.space = space
         inits = space.initial()
-        low, high = getattr(space, "low", None), getattr(space, "high", None)
-        if inits:
-            mean = inits[0].astype(np.float64)
-        else:
-            mean = (np.asarray(low) + np.asarray(high)) / 2
+        bounds = np.stack([space.low, space.high], axis=1).astype(np.float64) if isinstance(space, BoxSpace) else None
+        mean = inits[0].astype(np.float64) if inits or bounds is None else bounds.mean(axis=1)
         if mean.shape[0] < 2:
             raise SpecError(
                 "strategy",
                 f"cma_es needs a space of at least 2 genes, this one has {mean.shape[0]}; "
                 "use random or grid for one gene",
             )
-        bounds = None if low is None else np.stack([low, high], axis=1).astype(np.float64)
         self.cma = SepCMA(mean=mean, sigma=options.sigma0, bounds=bounds, population_size=options.population, seed=seed)
         self.generation_x: list[np.ndarray] = []
         self.told: dict[int, float | None] = {}  # member -> loss; None: failed

@@ -23,6 +23,7 @@ from evomerge.search import STRATEGIES
 from evomerge.search.base import Candidate, ParetoStrategy, Proposal
 from evomerge.search.map import MapOptions, MapRounds
 from evomerge.space.base import BoxSpace
+from evomerge.space.merge_genes import MergeGenesSpace
 
 
 @dataclass
@@ -64,8 +65,8 @@ class NestedMapSearch(ParetoStrategy):
                 f"nested MAP pairs one coefficient per task: the space has {d} genes but {len(options.objectives)} "
                 "objectives (use a merge space with weights per model and one objective per task)",
             )
-        genes = getattr(getattr(space, "options", None), "genes", None)
-        if genes is not None:  # a merge space: merges of merges compose only through per-model weights from 0
+        if isinstance(space, MergeGenesSpace):  # merges of merges compose only through per-model weights from 0
+            genes = space.options.genes
             weights_gene = genes.get("weights")
             if set(genes) != {"weights"} or weights_gene.per != "model" or weights_gene.low != 0:
                 raise SpecError(

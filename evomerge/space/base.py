@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -54,6 +54,22 @@ class BoxSpace(Space, Protocol):
 
     low: np.ndarray
     high: np.ndarray
+
+
+@runtime_checkable
+class ExportsPlan(Protocol):
+    """A space whose genomes are merges of the seed models: `evomerge export` writes the merge plan beside the
+    weights (None where a genome has no plan), so the merge can be re-applied (`evomerge merge`, mergekit)."""
+
+    def to_plan(self, genome: np.ndarray, seed_paths: list[str]) -> dict[str, Any] | None: ...
+
+
+@runtime_checkable
+class LayerBlocks(Protocol):
+    """A space with genes per block of layers: `ranges` holds each block's layer range, recorded in an export's
+    recipe."""
+
+    ranges: list[tuple[int, int]]
 
 
 class WritesIntoBuffers:

@@ -23,7 +23,7 @@ from evomerge.errors import SpecError
 from evomerge.merge.base import MERGE_METHODS, TensorGroup
 from evomerge.merge.engine import MergeEngine, find_tied
 from evomerge.registry import Component
-from evomerge.schema import require
+from evomerge.schema import option_names, require
 from evomerge.space import SPACES
 from evomerge.space.base import WritesIntoBuffers
 from evomerge.weights import Layout
@@ -86,7 +86,7 @@ class MergeGenesOptions:
         fields_of = {}
         for i, name in enumerate(self.methods):
             entry = MERGE_METHODS.entry(name, f"{path}.methods[{i}]")
-            fields_of[name] = set(getattr(entry.options, "__dataclass_fields__", {}))
+            fields_of[name] = option_names(entry.options)
         for section in ("genes", "fixed"):
             for knob in getattr(self, section):
                 owners = [m for m in self.methods if knob in fields_of[m]]
@@ -248,9 +248,7 @@ class MergeGenesSpace(WritesIntoBuffers):
             if knob == "weights" and not isinstance(value, list):
                 value = [value] * n_models
             values[knob] = value
-        fields = getattr(
-            MERGE_METHODS.entry(method or self.method_of(genome), "space").options, "__dataclass_fields__", {}
-        )
+        fields = option_names(MERGE_METHODS.entry(method or self.method_of(genome), "space").options)
         return {k: v for k, v in values.items() if k in fields}
 
     def merge_component(self, genome: np.ndarray, block: int) -> Component:
