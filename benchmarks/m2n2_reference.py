@@ -14,11 +14,13 @@ Three measurements, written to benchmarks/results/m2n2_reference.json:
 - accuracy: from-scratch M2N2 at 50,000 evaluations for --seeds seeds on each side: the reference (its
   functions under one jitted scan: the same keys and operations as its own loop, seeds 42, 43, …) and
   evomerge (`m2n2_digits_scratch.yaml`, seeds 0, 1, …, the run directories shared with m2n2_digits.py);
-  mean, sd, min, max, runs that lost a whole class, and a two-sided Mann-Whitney U test of the difference;
+  mean, sd, min, max, runs that lost a whole class, and a two-sided Mann-Whitney U test of the difference,
+  over all runs and over the converged ones (best train accuracy >= 0.97; the rest are stuck runs);
 - speed: the reference's own search loop and evomerge's (`evomerge run`), alternated --pairs times in the
   same session, evaluations/s of each and their ratio per pair.
 
-Finished runs on either side are kept (--runs-dir, --cache-dir), so a rerun only adds what is missing.
+Finished runs on either side are kept (--runs-dir, --cache-dir), so a rerun only adds what is missing;
+--accuracy-only keeps the saved lockstep and speed results and redoes the accuracy part.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from _results import save_result
+from _results import RESULTS, save_result
 from m2n2_digits import run_one
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -149,39 +151,50 @@ def evomerge_accuracy(seeds: list[int], runs_dir: str, workers: int) -> list[dic
         jobs = [pool.submit(run_one, "m2n2_digits_scratch.yaml", s, runs_dir, None, 1) for s in seeds]
         summaries = [job.result() for job in jobs]
     return [
-        {"seed": s, "test": r["test"]["accuracy"], "coverage": (r.get("final_stats") or {}).get("coverage")}
+        {
+            "seed": s,
+            "test": r["test"]["accuracy"],
+            "train": r["best_train"],
+            "coverage": (r.get("final_stats") or {}).get("coverage"),
+        }
         for s, r in zip(seeds, summaries)
     ]
 
 
+CONVERGED_TRAIN = 0.97  # best train accuracy of a run that converged; stuck runs end at 0.82-0.92
+
+
 def compare(reference_runs: list[dict], evomerge_runs: list[dict]) -> dict:
-    """Both sides' spread, lost classes (final coverage < 95%: every member misses a class) and the U test."""
+    """Both sides' spread, lost classes (final coverage < 95%: every member misses a class) and the U test; then
+    the same over converged runs only, test and best train accuracy, to tell the algorithm's level from its tail."""
     from scipy.stats import mannwhitneyu
 
-    ref = [100 * r["test"] for r in reference_runs]
-    ours = [100 * r["test"] for r in evomerge_runs]
+    def side(runs: list[dict]) -> dict:
+        converged = [r for r in runs if r["train"] >= CONVERGED_TRAIN]
+        return {
+            **mean_sd_min_max([100 * r["test"] for r in runs]),
+            "lost_class_runs": sum(r["coverage"] < 0.95 for r in runs),
+            "converged": {
+                **mean_sd_min_max([100 * r["test"] for r in converged]),
+                "train_mean": round(statistics.fmean(r["train"] for r in converged), 4),
+            },
+        }
+
+    def p_value(key: str, converged: bool) -> float:
+        pick = [[r[key] for r in runs if not converged or r["train"] >= CONVERGED_TRAIN] for runs in sides]
+        return round(float(mannwhitneyu(pick[1], pick[0], alternative="two-sided").pvalue), 3)
+
+    sides = (reference_runs, evomerge_runs)
     return {
-        "reference": {**mean_sd_min_max(ref), "lost_class_runs": sum(r["coverage"] < 0.95 for r in reference_runs)},
-        "evomerge": {**mean_sd_min_max(ours), "lost_class_runs": sum(r["coverage"] < 0.95 for r in evomerge_runs)},
-        "mann_whitney_p": round(float(mannwhitneyu(ours, ref, alternative="two-sided").pvalue), 3),
+        "reference": side(reference_runs),
+        "evomerge": side(evomerge_runs),
+        "mann_whitney_p": p_value("test", False),
+        "converged_mann_whitney_p": {"test": p_value("test", True), "train": p_value("train", True)},
     }
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--reference", required=True, help="folder of a natural_niches checkout")
-    parser.add_argument("--reference-python", default=sys.executable, help="a Python with jax, optax, tqdm, sklearn")
-    parser.add_argument("--seeds", type=int, default=20, help="runs per side: reference 42, 43, …, evomerge 0, 1, …")
-    parser.add_argument("--steps", type=int, default=50000, help="evaluations per accuracy run (default 50,000)")
-    parser.add_argument("--record-steps", type=int, default=3000, help="lockstep length (default 3,000)")
-    parser.add_argument("--pairs", type=int, default=3, help="alternated speed measurements (default 3)")
-    parser.add_argument("--speed-steps", type=int, default=3000, help="reference loop steps per timing (default 3,000)")
-    parser.add_argument("--evomerge-speed-steps", type=int, default=20000, help="evomerge evaluations per timing")
-    parser.add_argument("--workers", type=int, default=2, help="evomerge accuracy runs in parallel (default 2)")
-    parser.add_argument("--runs-dir", default=str(ROOT / "runs" / "bench-m2n2-digits"), help="evomerge run dirs")
-    parser.add_argument("--cache-dir", default=str(ROOT / "runs" / "bench-m2n2-reference"), help="reference results")
-    parser.add_argument("--skip-accuracy", action="store_true", help="lockstep and speed only")
-    args = parser.parse_args()
+def measure_lockstep_and_speed(args: argparse.Namespace) -> dict:
+    """The lockstep replay, then --pairs alternated timings of the reference loop and evomerge."""
     out: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -205,6 +218,32 @@ def main() -> int:
                 }
             )
         out["speed"] = pairs
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reference", required=True, help="folder of a natural_niches checkout")
+    parser.add_argument("--reference-python", default=sys.executable, help="a Python with jax, optax, tqdm, sklearn")
+    parser.add_argument("--seeds", type=int, default=20, help="runs per side: reference 42, 43, …, evomerge 0, 1, …")
+    parser.add_argument("--steps", type=int, default=50000, help="evaluations per accuracy run (default 50,000)")
+    parser.add_argument("--record-steps", type=int, default=3000, help="lockstep length (default 3,000)")
+    parser.add_argument("--pairs", type=int, default=3, help="alternated speed measurements (default 3)")
+    parser.add_argument("--speed-steps", type=int, default=3000, help="reference loop steps per timing (default 3,000)")
+    parser.add_argument("--evomerge-speed-steps", type=int, default=20000, help="evomerge evaluations per timing")
+    parser.add_argument("--workers", type=int, default=2, help="evomerge accuracy runs in parallel (default 2)")
+    parser.add_argument("--runs-dir", default=str(ROOT / "runs" / "bench-m2n2-digits"), help="evomerge run dirs")
+    parser.add_argument("--cache-dir", default=str(ROOT / "runs" / "bench-m2n2-reference"), help="reference results")
+    parser.add_argument("--skip-accuracy", action="store_true", help="lockstep and speed only")
+    parser.add_argument(
+        "--accuracy-only", action="store_true", help="keep the saved lockstep and speed results; redo the accuracy part"
+    )
+    args = parser.parse_args()
+    if args.accuracy_only:
+        saved = json.loads((RESULTS / "m2n2_reference.json").read_text())
+        out = {"lockstep": saved["lockstep"], "speed": saved["speed"]}
+    else:
+        out = measure_lockstep_and_speed(args)
     if not args.skip_accuracy:
         ref_seeds, our_seeds = [42 + k for k in range(args.seeds)], list(range(args.seeds))
         print(f"accuracy: {args.seeds} seeds per side ...", file=sys.stderr, flush=True)
@@ -237,6 +276,15 @@ def main() -> int:
                 f"(min {a['min']:.2f}, max {a['max']:.2f}); runs that lost a whole class: {a['lost_class_runs']}"
             )
         lines.append(f"two-sided Mann-Whitney U test, evomerge vs reference: p = {acc['mann_whitney_p']:.3f}")
+        for who in ("reference", "evomerge"):
+            c = acc[who]["converged"]
+            lines.append(
+                f"{who:<9} converged runs only (best train >= {CONVERGED_TRAIN}): {c['n']} of {acc[who]['n']}, test "
+                f"{c['mean']:.2f} ± {c['sd']:.2f} (min {c['min']:.2f}, max {c['max']:.2f}), "
+                f"best train {c['train_mean']:.4f}"
+            )
+        cp = acc["converged_mann_whitney_p"]
+        lines.append(f"converged runs, Mann-Whitney U: test p = {cp['test']:.3f}, best train p = {cp['train']:.3f}")
     table = "\n".join(lines)
     print(table)
     save_result("m2n2_reference", table, [], **out)
