@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from evomerge.runtime.driver import build_manager
-from evomerge.runtime.executor import InProcessExecutor, Outcome, evaluate_candidate
+from evomerge.runtime.executor import InProcessExecutor, Outcome
 from evomerge.search.base import Candidate
 from evomerge.spec import spec_from_dict
 from evomerge.store import RunDir, load_state, read_journal
@@ -48,7 +48,7 @@ class ShuffledPool:
         count = self.rng.randint(1, len(self.queue))
         done, self.queue = self.queue[:count], self.queue[count:]
         self.delivered += count
-        return [evaluate_candidate(self.inner.evaluator, self.inner.materialize, c, None) for c in done]
+        return [self.inner.evaluation.evaluate(c) for c in done]
 
     def test(self, genome: np.ndarray) -> dict[str, float]:
         return self.inner.test(genome)

@@ -84,35 +84,44 @@ class Materializer:
         return self.buffers
 
 
-def evaluate_candidate(
-    evaluator: Evaluator, materialize: Materializer, candidate: Candidate, n_examples: int | None
-) -> Outcome:
-    start = time.perf_counter()
-    if isinstance(evaluator, TracksCandidates):
-        evaluator.candidate_id = candidate.id
-    try:
-        result = as_result(evaluator.evaluate(materialize(candidate.genome)), n_examples)
-        return Outcome(candidate, result, None, time.perf_counter() - start)
-    except EvaluationError as err:
-        return Outcome(candidate, None, str(err), time.perf_counter() - start)
-    except Exception as err:  # noqa: BLE001 - any evaluator bug fails this candidate only
-        return Outcome(candidate, None, f"{type(err).__name__}: {err}", time.perf_counter() - start)
+class CandidateEvaluation:
+    """How one process (the driver in-process, or a Ray worker) evaluates candidates with its evaluator: each genome
+    written into the reused buffers, the id told to an evaluator that tracks candidates, any failure turned into a
+    failed outcome. The evaluator's capabilities are checked once here, not per candidate: a runtime protocol check
+    costs tens of µs, a digits evaluation about a millisecond."""
 
+    def __init__(self, evaluator: Evaluator, space: Space):
+        self.evaluator = evaluator
+        self.materialize = Materializer(evaluator, space)
+        self.facts = evaluator_facts(evaluator)
+        self.n_examples = self.facts.n_examples  # per-example scores of another length are refused
+        self._tracks_candidates = isinstance(evaluator, TracksCandidates)
+        self._held_out = isinstance(evaluator, HeldOut)
 
-def test_candidate(evaluator: Evaluator, materialize: Materializer, genome: np.ndarray) -> dict[str, float]:
-    """Held-out metrics of one genome ({} for an evaluator without a test split)."""
-    if not isinstance(evaluator, HeldOut):
-        return {}
-    return {k: float(v) for k, v in evaluator.test(materialize(genome)).items()}
+    def evaluate(self, candidate: Candidate) -> Outcome:
+        start = time.perf_counter()
+        if self._tracks_candidates:
+            self.evaluator.candidate_id = candidate.id
+        try:
+            result = as_result(self.evaluator.evaluate(self.materialize(candidate.genome)), self.n_examples)
+            return Outcome(candidate, result, None, time.perf_counter() - start)
+        except EvaluationError as err:
+            return Outcome(candidate, None, str(err), time.perf_counter() - start)
+        except Exception as err:  # noqa: BLE001 - any evaluator bug fails this candidate only
+            return Outcome(candidate, None, f"{type(err).__name__}: {err}", time.perf_counter() - start)
+
+    def test(self, genome: np.ndarray) -> dict[str, float]:
+        """Held-out metrics of one genome ({} for an evaluator without a test split)."""
+        if not self._held_out:
+            return {}
+        return {k: float(v) for k, v in self.evaluator.test(self.materialize(genome)).items()}
 
 
 class InProcessExecutor:
     capacity = 1
 
     def __init__(self, evaluator: Evaluator, space: Space):
-        self.evaluator = evaluator
-        self.materialize = Materializer(evaluator, space)
-        self.n_examples: int | None = evaluator_facts(evaluator).n_examples
+        self.evaluation = CandidateEvaluation(evaluator, space)
         self._queue: list[Candidate] = []
 
     def submit(self, candidate: Candidate) -> None:
@@ -122,15 +131,16 @@ class InProcessExecutor:
         return len(self._queue)
 
     def collect(self) -> list[Outcome]:
-        outcomes = [evaluate_candidate(self.evaluator, self.materialize, c, self.n_examples) for c in self._queue]
+        outcomes = [self.evaluation.evaluate(c) for c in self._queue]
         self._queue.clear()
-        for outcome in outcomes:
-            if outcome.result is not None and outcome.result.per_example is not None and self.n_examples is None:
-                self.n_examples = outcome.result.per_example.shape[0]
+        for outcome in outcomes:  # the first length seen is the run's
+            scores = None if outcome.result is None else outcome.result.per_example
+            if scores is not None and self.evaluation.n_examples is None:
+                self.evaluation.n_examples = scores.shape[0]
         return outcomes
 
     def test(self, genome: np.ndarray) -> dict[str, float]:
-        return test_candidate(self.evaluator, self.materialize, genome)
+        return self.evaluation.test(genome)
 
     def close(self) -> None:
         self._queue.clear()

@@ -38,14 +38,8 @@ from typing import Any
 import numpy as np
 
 from evomerge.errors import EvomergeError
-from evomerge.evaluate.base import EvalResult, EvaluatorFacts, evaluator_facts
-from evomerge.runtime.executor import (
-    ExecutorFailure,
-    Materializer,
-    Outcome,
-    evaluate_candidate,
-    test_candidate,
-)
+from evomerge.evaluate.base import EvalResult, EvaluatorFacts
+from evomerge.runtime.executor import CandidateEvaluation, ExecutorFailure, Outcome
 from evomerge.search.base import Candidate
 from evomerge.seeds import seed_paths
 from evomerge.spec import ExecutorSpec
@@ -108,9 +102,7 @@ class EvaluatorWorker:
         limit_threads(threads)
         if 0 < gpu_fraction < 1 and torch.cuda.is_available():
             torch.cuda.set_per_process_memory_fraction(gpu_fraction)  # a GPU share comes with its memory share
-        self.evaluator, space = evaluation_parts(spec_from_dict(spec_plain), Path(seeds_dir))
-        self.materialize = Materializer(self.evaluator, space)
-        self.facts = evaluator_facts(self.evaluator)
+        self.evaluation = CandidateEvaluation(*evaluation_parts(spec_from_dict(spec_plain), Path(seeds_dir)))
 
     def ready(self) -> tuple[str, int]:
         """The health check a new worker answers once its evaluator is built: (node id, process id)."""
@@ -120,11 +112,11 @@ class EvaluatorWorker:
 
     def describe(self) -> EvaluatorFacts:
         """What the driver, which holds no evaluator, checks its strategy against."""
-        return self.facts
+        return self.evaluation.facts
 
     def evaluate(self, candidate_id: int, genome: np.ndarray) -> tuple[dict[str, Any] | None, str | None, float]:
         candidate = Candidate(candidate_id, genome, {})
-        outcome = evaluate_candidate(self.evaluator, self.materialize, candidate, self.facts.n_examples)
+        outcome = self.evaluation.evaluate(candidate)
         if outcome.result is None:
             return None, outcome.error, outcome.seconds
         r = outcome.result
@@ -133,7 +125,7 @@ class EvaluatorWorker:
     def test(self, genome: np.ndarray) -> tuple[dict[str, float] | None, str | None, float]:
         start = time.perf_counter()
         try:
-            metrics = test_candidate(self.evaluator, self.materialize, genome)
+            metrics = self.evaluation.test(genome)
         except Exception as err:  # noqa: BLE001 - a failing test pass costs its metrics, not the run
             return None, f"{type(err).__name__}: {err}", time.perf_counter() - start
         return metrics, None, time.perf_counter() - start
