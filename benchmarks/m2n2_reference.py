@@ -15,9 +15,12 @@ Three measurements, written to benchmarks/results/m2n2_reference.json:
   functions under one jitted scan: the same keys and operations as its own loop, seeds 42, 43, …) and
   evomerge (`m2n2_digits_scratch.yaml`, seeds 0, 1, …, the run directories shared with m2n2_digits.py);
   mean, sd, min, max, runs that lost a whole class, and a two-sided Mann-Whitney U test of the difference,
-  over all runs and over the converged ones (best train accuracy >= 0.97; the rest are stuck runs);
+  over all runs and over the converged ones (best train accuracy >= 0.97; the rest are stuck runs); and
+  evomerge's seeds in pairs read at half the budget, the better on train kept (the stuck tail removed);
 - speed: the reference's own search loop and evomerge's (`evomerge run`), alternated --pairs times in the
-  same session, evaluations/s of each and their ratio per pair.
+  same session: the reference as shipped (JAX's threads on every core) and pinned to one core (taskset),
+  evomerge with `runtime.threads` 1 (its default) and one per core; evaluations/s of each and the ratios
+  as shipped, all cores each and one core each.
 
 Finished runs on either side are kept (--runs-dir, --cache-dir), so a rerun only adds what is missing;
 --accuracy-only keeps the saved lockstep and speed results and redoes the accuracy part.
@@ -27,6 +30,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -43,8 +48,13 @@ ROOT = Path(__file__).resolve().parent.parent
 SIDE = Path(__file__).resolve().parent / "reference_side.py"
 
 
-def reference(python: str, *args: str) -> None:
-    subprocess.run([python, str(SIDE), *args], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+ONE_CORE = ["taskset", "-c", "0"] if shutil.which("taskset") and (os.cpu_count() or 1) > 1 else None
+
+
+def reference(python: str, *args: str, one_core: bool = False) -> None:
+    """A reference_side.py mode; with one_core, pinned to CPU 0 (JAX otherwise spreads over every core)."""
+    pin = ONE_CORE if one_core else []
+    subprocess.run([*pin, python, str(SIDE), *args], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def lockstep(record: Path) -> dict:
@@ -96,27 +106,19 @@ def lockstep(record: Path) -> dict:
     return {"steps": steps, "slot_mismatches": slot_mismatches, **{f"max_abs_diff_{k}": v for k, v in worst.items()}}
 
 
-def evomerge_speed(steps: int, workdir: Path) -> tuple[float, dict]:
-    """`evomerge run` of the from-scratch digits spec, as a user runs it; the search loop's evaluations/s."""
+def evomerge_speed(steps: int, workdir: Path, threads: int) -> tuple[float, dict]:
+    """`evomerge run` of the from-scratch digits spec with `runtime.threads` set, as a user runs it; the search
+    loop's evaluations/s."""
+    from evomerge.yaml_io import dump_plain_yaml, read_yaml_mapping
+
     name = f"speed-{time.time_ns()}"
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "evomerge",
-            "run",
-            str(ROOT / "search_spaces" / "m2n2_digits_scratch.yaml"),
-            "--budget",
-            str(steps),
-            "--output",
-            str(workdir),
-            "--name",
-            name,
-            "--quiet",
-        ],
-        check=True,
-        stdout=subprocess.DEVNULL,
-    )
+    spec = read_yaml_mapping(ROOT / "search_spaces" / "m2n2_digits_scratch.yaml", "spec")
+    spec.setdefault("runtime", {})["threads"] = threads
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / f"{name}.yaml").write_text(dump_plain_yaml(spec))
+    command = [sys.executable, "-m", "evomerge", "run", str(workdir / f"{name}.yaml"), "--budget", str(steps)]
+    command += ["--output", str(workdir), "--name", name, "--quiet"]
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
     summary = json.loads((workdir / name / "summary.json").read_text())
     return summary["evaluations_per_second"], summary
 
@@ -143,6 +145,22 @@ def reference_accuracy(python: str, checkout: str, seeds: list[int], steps: int,
         out.unlink()
         print(f"reference seed {seed}: test {100 * row['test']:.2f}", file=sys.stderr, flush=True)
     return [json.loads((cache / f"seed{s}-{steps}.json").read_text()) for s in seeds]
+
+
+def two_half_budget_runs(seeds: list[int], runs_dir: str, budget: int) -> dict:
+    """What removing the stuck tail alone would give: seeds paired (0, 1), (2, 3), …, each pair's two runs read
+    at half the budget off their curves, and the one with the better best train accuracy kept (an evomerge user's
+    two independent searches at half the budget each)."""
+    from evomerge.report.tables import read_curve
+    from evomerge.store import RunDir
+
+    def at_half(seed: int) -> tuple[float, float]:
+        curve = read_curve(RunDir.open(Path(runs_dir) / f"m2n2_digits_scratch-s{seed}"))
+        point = [p for p in curve if p["evaluations"] <= budget // 2][-1]
+        return point["best_train"], 100 * point["test_accuracy"]
+
+    kept = [max(at_half(a), at_half(b))[1] for a, b in zip(seeds[::2], seeds[1::2])]
+    return {**mean_sd_min_max(kept), "evaluations_each": budget // 2}
 
 
 def evomerge_accuracy(seeds: list[int], runs_dir: str, workers: int) -> list[dict]:
@@ -202,23 +220,47 @@ def measure_lockstep_and_speed(args: argparse.Namespace) -> dict:
         reference(args.reference_python, "record", args.reference, "42", str(args.record_steps), str(tmp / "rec.npz"))
         out["lockstep"] = lockstep(tmp / "rec.npz")
         print(f"speed: reference loop and evomerge, alternated {args.pairs} times ...", file=sys.stderr, flush=True)
+        cores = os.cpu_count() or 1
         pairs = []
         for _ in range(args.pairs):
-            reference(args.reference_python, "speed", args.reference, str(args.speed_steps), str(tmp / "speed.json"))
-            ref_rate = json.loads((tmp / "speed.json").read_text())["evaluations_per_second"]
-            ours_rate, summary = evomerge_speed(args.evomerge_speed_steps, tmp / "runs")
-            pairs.append(
-                {
-                    "reference_evals_per_s": round(ref_rate, 1),
-                    "evomerge_evals_per_s": round(ours_rate, 1),
-                    "ratio": round(ours_rate / ref_rate, 2),
-                    "evomerge_shares": {
-                        k: summary[k] for k in ("evaluator_share", "strategy_share", "test_share", "overhead_share")
-                    },
-                }
-            )
-        out["speed"] = pairs
+            rates, shares = {}, {}
+            for side, one_core in (("reference_all_cores", False), ("reference_one_core", True)):
+                if one_core and ONE_CORE is None:
+                    continue
+                speed_args = ("speed", args.reference, str(args.speed_steps), str(tmp / "speed.json"))
+                reference(args.reference_python, *speed_args, one_core=one_core)
+                rates[side] = json.loads((tmp / "speed.json").read_text())["evaluations_per_second"]
+            for side, threads in (("evomerge_one_thread", 1), ("evomerge_all_cores", cores)):
+                rates[side], summary = evomerge_speed(args.evomerge_speed_steps, tmp / "runs", threads)
+                shares[side] = {k: summary[k] for k in ("evaluator_share", "strategy_share", "overhead_share")}
+            pair = {"evals_per_s": {k: round(v, 1) for k, v in rates.items()}, "evomerge_shares": shares}
+            pair["ratio_as_shipped"] = round(rates["evomerge_one_thread"] / rates["reference_all_cores"], 2)
+            pair["ratio_all_cores"] = round(rates["evomerge_all_cores"] / rates["reference_all_cores"], 2)
+            if "reference_one_core" in rates:
+                pair["ratio_one_core"] = round(rates["evomerge_one_thread"] / rates["reference_one_core"], 2)
+            pairs.append(pair)
+        out["speed"] = {"cores": cores, "pairs": pairs}
     return out
+
+
+def speed_lines(speed: dict) -> list[str]:
+    """evals/s of each side per pair; the ratios: as shipped (evomerge's default one thread against JAX on every
+    core), all cores each, one core each; evomerge's wall-time shares."""
+    lines = [f"speed, evaluations/s in the search loop ({speed['cores']} cores):"]
+    for k, p in enumerate(speed["pairs"], 1):
+        rates = ", ".join(f"{side.replace('_', ' ')} {rate:,.0f}" for side, rate in p["evals_per_s"].items())
+        ratios = f"as shipped {p['ratio_as_shipped']:.2f}x, all cores each {p['ratio_all_cores']:.2f}x"
+        if "ratio_one_core" in p:
+            ratios += f", one core each {p['ratio_one_core']:.2f}x"
+        lines.append(f"  pair {k}: {rates}; evomerge / reference: {ratios}")
+    for side in ("evomerge_one_thread", "evomerge_all_cores"):
+        shares = [p["evomerge_shares"][side] for p in speed["pairs"]]
+        mean = {k: statistics.fmean(s[k] for s in shares) for k in shares[0]}
+        lines.append(
+            f"  {side.replace('_', ' ')}: evaluator {100 * mean['evaluator_share']:.0f}%, strategy (ask/tell) "
+            f"{100 * mean['strategy_share']:.0f}%, driver {100 * mean['overhead_share']:.0f}% of wall time"
+        )
+    return lines
 
 
 def main() -> int:
@@ -252,6 +294,7 @@ def main() -> int:
         )
         out["evomerge_runs"] = evomerge_accuracy(our_seeds, args.runs_dir, args.workers)
         out["accuracy"] = compare(out["reference_runs"], out["evomerge_runs"])
+        out["accuracy"]["two_half_budget_runs"] = two_half_budget_runs(our_seeds, args.runs_dir, args.steps)
 
     lock = out["lockstep"]
     lines = [
@@ -259,14 +302,7 @@ def main() -> int:
         f"max |Δ| first-parent weights {lock['max_abs_diff_first_weights']:.1e}, second-parent weights "
         f"{lock['max_abs_diff_second_weights']:.1e}, crossover {lock['max_abs_diff_crossover']:.1e}",
     ]
-    for k, p in enumerate(out["speed"], 1):
-        lines.append(
-            f"speed pair {k}: reference loop {p['reference_evals_per_s']:,.0f} evals/s, evomerge "
-            f"{p['evomerge_evals_per_s']:,.0f} evals/s, ratio {p['ratio']:.2f}x (evomerge shares: evaluator "
-            f"{100 * p['evomerge_shares']['evaluator_share']:.0f}%, strategy "
-            f"{100 * p['evomerge_shares']['strategy_share']:.0f}%, driver "
-            f"{100 * p['evomerge_shares']['overhead_share']:.0f}%)"
-        )
+    lines += speed_lines(out["speed"])
     if "accuracy" in out:
         acc = out["accuracy"]
         for who in ("reference", "evomerge"):
@@ -285,6 +321,11 @@ def main() -> int:
             )
         cp = acc["converged_mann_whitney_p"]
         lines.append(f"converged runs, Mann-Whitney U: test p = {cp['test']:.3f}, best train p = {cp['train']:.3f}")
+        two = acc["two_half_budget_runs"]
+        lines.append(
+            f"evomerge, the better on train of two runs of {two['evaluations_each']:,} evaluations each ({two['n']} "
+            f"pairs of seeds): test {two['mean']:.2f} ± {two['sd']:.2f} (min {two['min']:.2f}, max {two['max']:.2f})"
+        )
     table = "\n".join(lines)
     print(table)
     save_result("m2n2_reference", table, [], **out)
