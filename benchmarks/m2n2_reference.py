@@ -19,7 +19,7 @@ Three measurements, written to benchmarks/results/m2n2_reference.json:
   evomerge's seeds in pairs read at half the budget, the better on train kept (the stuck tail removed);
 - speed: the reference's own search loop and evomerge's (`evomerge run`), alternated --pairs times in the
   same session: the reference as shipped (JAX's threads on every core) and pinned to one core (taskset),
-  evomerge with `runtime.threads` 1 (its default) and one per core; evaluations/s of each and the ratios
+  evomerge with `--threads` 1 (its default) and one per core; evaluations/s of each and the ratios
   as shipped, all cores each and one core each.
 
 Finished runs on either side are kept (--runs-dir, --cache-dir), so a rerun only adds what is missing;
@@ -107,16 +107,10 @@ def lockstep(record: Path) -> dict:
 
 
 def evomerge_speed(steps: int, workdir: Path, threads: int) -> tuple[float, dict]:
-    """`evomerge run` of the from-scratch digits spec with `runtime.threads` set, as a user runs it; the search
-    loop's evaluations/s."""
-    from evomerge.yaml_io import dump_plain_yaml, read_yaml_mapping
-
+    """`evomerge run --threads` of the from-scratch digits spec, as a user runs it; the search loop's evaluations/s."""
     name = f"speed-{time.time_ns()}"
-    spec = read_yaml_mapping(ROOT / "search_spaces" / "m2n2_digits_scratch.yaml", "spec")
-    spec.setdefault("runtime", {})["threads"] = threads
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / f"{name}.yaml").write_text(dump_plain_yaml(spec))
-    command = [sys.executable, "-m", "evomerge", "run", str(workdir / f"{name}.yaml"), "--budget", str(steps)]
+    spec = ROOT / "search_spaces" / "m2n2_digits_scratch.yaml"
+    command = [sys.executable, "-m", "evomerge", "run", str(spec), "--budget", str(steps), "--threads", str(threads)]
     command += ["--output", str(workdir), "--name", name, "--quiet"]
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
     summary = json.loads((workdir / name / "summary.json").read_text())

@@ -254,6 +254,18 @@ def test_seed_and_name_overrides_reach_run_dir_and_resolved_spec(tmp_path, capsy
     assert not torch.equal(seed0["layers.0.weight"], seed3["layers.0.weight"])
 
 
+def test_threads_flag_sets_the_runs_threads_and_refuses_a_negative_count(tmp_path, capsys):
+    spec = write_spec(tmp_path / "s.yaml", wine_spec("threads", 20))
+    out_root = tmp_path / "runs"
+    run_cli(capsys, ["run", str(spec), "--threads", "2", "--quiet", "--output", str(out_root)])
+    assert yaml.safe_load((out_root / "threads" / "spec.yaml").read_text())["runtime"]["threads"] == 2
+    assert torch.get_num_threads() == 2  # the driver evaluated in this process with the flag's threads
+    assert main(["run", str(spec), "--threads", "-1", "--name", "refused", "--output", str(out_root)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["evomerge: error: --threads: got -1, must be >= 0 (0 = torch default)"]
+    assert not (out_root / "refused").exists()
+
+
 def test_output_from_spec_is_used_without_flag(tmp_path, capsys):
     spec = write_spec(tmp_path / "s.yaml", wine_spec("in-spec-output", 30, output=str(tmp_path / "from-spec")))
     run_cli(capsys, ["run", str(spec), "--quiet"])
@@ -371,7 +383,7 @@ def test_ls_ignores_non_runs_and_handles_empty_or_missing_roots(tmp_path, capsys
 @pytest.mark.parametrize(
     ("command", "options"),
     [
-        ("run", ["SPEC", "--budget", "--seed", "--name", "--output", "--quiet"]),
+        ("run", ["SPEC", "--budget", "--seed", "--name", "--output", "--threads", "--quiet"]),
         ("resume", ["RUN", "--budget", "--quiet"]),
         ("report", ["RUN", "--out", "--metric", "--json"]),
         ("ls", ["ROOT"]),
