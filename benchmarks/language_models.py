@@ -420,16 +420,12 @@ def spearman(lm, worker: Worker, out: Path, candidates: int, subset: int, seed: 
     return result
 
 
-def time_shares(worker: Worker, repeats: int) -> list[dict[str, Any]]:
-    """Per space: seconds writing a candidate into the resident model (`space.write`) against the forward pass
-    (`evaluator.evaluate`), over a few random candidates."""
+def time_shares(worker, spaces: list[tuple[str, dict]], repeats: int) -> list[dict[str, Any]]:
+    """Per (label, space): seconds writing a candidate into the resident model (`space.write`) against the forward
+    pass (`evaluator.evaluate`), over a few random candidates. `worker` is either benchmark's Worker."""
     out = []
     rng = np.random.default_rng(1)
-    for label, space in (
-        ("task arithmetic (2 genes)", ta_space()),
-        ("TIES per layer group (12 genes)", EVOLVE_SPACE),
-        ("recipe per layer (18 genes)", RECIPE_SPACE),
-    ):
+    for label, space in spaces:
         materialize = worker.materializer(space)
         dim = len(materialize.space.initial()[0])
         write = forward = 0.0
@@ -444,6 +440,7 @@ def time_shares(worker: Worker, repeats: int) -> list[dict[str, Any]]:
         out.append(
             {
                 "space": label,
+                "genes": dim,
                 "materialise_s": write / repeats,
                 "forward_s": forward / repeats,
                 "forward_share": forward / (write + forward),
@@ -640,7 +637,12 @@ def main() -> None:
             results["fronts"][str(d)] = front
             lines += [f"**{section.label}**", "", *table(section, rows), "", *verdicts(section, rows), ""]
         subset = spearman(lm, sections[2].worker, out, settings["subset_candidates"], subset=6, seed=0)
-        shares = time_shares(sections[2].worker, repeats=3)
+        spaces = [
+            ("task arithmetic (2 genes)", ta_space()),
+            ("TIES per layer group (12 genes)", EVOLVE_SPACE),
+            ("recipe per layer (18 genes)", RECIPE_SPACE),
+        ]
+        shares = time_shares(sections[2].worker, spaces, repeats=3)
         done("subset fitness and time shares")
 
     lines += [

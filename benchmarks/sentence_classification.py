@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 from _results import save_result
-from language_models import QUIET, RECIPE_SPACE, fixed_space, run_search, ta_space
+from language_models import QUIET, RECIPE_SPACE, fixed_space, run_search, ta_space, time_shares
 
 TASKS = ("order", "replaced")
 OBJECTIVES = {f"accuracy_{t}": "max" for t in TASKS}
@@ -235,39 +235,6 @@ def front_rows(st, worker: Worker, out: Path, grid_per_axis: int) -> tuple[dict,
     return result, rows, speed
 
 
-def time_shares(worker: Worker, repeats: int) -> list[dict[str, Any]]:
-    """Per space: seconds writing a candidate into the resident model against the forward pass (both tasks'
-    validation sentences), over a few random candidates."""
-    out = []
-    rng = np.random.default_rng(1)
-    for label, space in (
-        ("task arithmetic (2 genes)", ta_space(TA_HIGH)),
-        ("TIES per layer group (15 genes)", EVOLVE_SPACE),
-        ("recipe per layer (24 genes)", RECIPE_SPACE),
-    ):
-        materialize = worker.materializer(space)
-        dim = len(materialize.space.initial()[0])
-        write = forward = 0.0
-        for _ in range(repeats):
-            genome = rng.random(dim)
-            start = time.perf_counter()
-            params = materialize(genome)
-            mid = time.perf_counter()
-            worker.evaluator.evaluate(params)
-            end = time.perf_counter()
-            write, forward = write + mid - start, forward + end - mid
-        out.append(
-            {
-                "space": label,
-                "genes": dim,
-                "materialise_s": write / repeats,
-                "forward_s": forward / repeats,
-                "forward_share": forward / (write + forward),
-            }
-        )
-    return out
-
-
 def fmt_row(r: dict[str, Any]) -> str:
     def f(v, d=3):
         return "-" if v is None else f"{v:.{d}f}"
@@ -354,7 +321,12 @@ def main() -> None:
         rows += front_table_rows
         speed += front_speed
         print(f"fronts done ({time.perf_counter() - started:.0f} s)", flush=True)
-        shares = time_shares(worker, repeats=2)
+        spaces = [
+            ("task arithmetic (2 genes)", ta_space(TA_HIGH)),
+            ("TIES per layer group (15 genes)", EVOLVE_SPACE),
+            ("recipe per layer (24 genes)", RECIPE_SPACE),
+        ]
+        shares = time_shares(worker, spaces, repeats=2)
     finetuned = {t: next(r for r in rows if r["model"] == f"fine-tuned {t}")["test_accuracy"][t] for t in TASKS}
     normalise(rows, finetuned)
     n_test = sum(st.info["data"]["counts"][t]["test"] for t in TASKS)
